@@ -1,0 +1,1 @@
+"""Benchmark harness for durable-runtime (see bench/README.md)."""

@@ -1,0 +1,30 @@
+"""`python -m partitions --index N`: one partition process, started by the supervisor."""
+
+import argparse
+import sys
+
+from partitions.process import PartitionDataError, PartitionProcess
+from runtime.logs import setup_logging
+from runtime.processes import config_from_env, die_with_parent, run_loop
+
+EXIT_BAD_DATA = 78
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m partitions")
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args()
+    die_with_parent()
+    config = config_from_env()
+    setup_logging(config.log_level, f"partition-{args.index}")
+    try:
+        process = PartitionProcess(config, args.index)
+    except PartitionDataError as exc:
+        print(f"durable-runtime: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    run_loop(process.serve)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

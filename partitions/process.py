@@ -1,0 +1,315 @@
+"""A partition process: receive commands over ZeroMQ, apply them in one LMDB transaction, then act.
+
+The loop is the group commit: everything that arrived while the previous batch was committing is
+applied in the next write transaction, committed once (fsync), and only then answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from partitions import dispatch
+from partitions.outbox import Outbox
+from partitions.state_machine import actions as act
+from partitions.state_machine import apply
+from partitions.state_machine.queries import condition_met, instance_state
+from partitions.state_machine.state import CoreState
+from partitions.store import keys
+from partitions.store.lmdb_store import LmdbStore
+from runtime.config import Config
+from runtime.errors import DurableRuntimeError
+from runtime.router.channel import Message, ZmqChannel
+
+log = logging.getLogger(__name__)
+
+_BATCH_HEADROOM_BYTES = 256 << 20
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PartitionDataError(Exception):
+    """The data directory belongs to another partition layout."""
+
+
+def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
+    """Open the environment, check the recorded partition count, and start a new epoch."""
+    store = LmdbStore(config.partition_data_dir(partition), config.map_size_bytes)
+    txn = store.begin(write=True)
+    recorded = txn.get_meta(keys.META_PARTITION_COUNT)
+    if recorded is not None and keys.unpack_u64(recorded) != config.partitions:
+        txn.abort()
+        raise PartitionDataError(
+            f"{config.data_dir} was created with {keys.unpack_u64(recorded)} partitions;"
+            f" refusing to start with --partitions {config.partitions}"
+        )
+    txn.put_meta(keys.META_PARTITION_COUNT, keys.pack_u64(config.partitions))
+    raw_epoch = txn.get_meta(keys.META_EPOCH)
+    epoch = (keys.unpack_u64(raw_epoch) if raw_epoch else 0) + 1
+    txn.put_meta(keys.META_EPOCH, keys.pack_u64(epoch))
+    state = CoreState(
+        partition=partition,
+        partition_count=config.partitions,
+        epoch=epoch,
+        max_history_events=config.max_history_events,
+    )
+    state.load_counters(txn)
+    txn.commit()
+    return store, state
+
+
+class Gateway:
+    """What a partition knows of one gateway: liveness, credits it granted, demand last reported."""
+
+    def __init__(self, identity: bytes, now: int) -> None:
+        self.identity = identity
+        self.last_seen_ms = now
+        self.credits = {"o": 0, "a": 0}
+        self.reported: dict[str, int] | None = None
+
+
+class PartitionProcess:
+    def __init__(self, config: Config, partition: int) -> None:
+        self.config = config
+        self.partition = partition
+        self.store, self.state = open_store(config, partition)
+        self.ctx = zmq.asyncio.Context()
+        self.channel = ZmqChannel.router(self.ctx, config.partition_endpoint(partition))
+        self.outbox = Outbox(self, config)
+        self.gateways: dict[bytes, Gateway] = {}
+        self.pending: list[tuple[bytes | None, Message]] = []
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.next_timer_ms: int | None = None
+        self.lease_ms = int(config.lease_timeout_s * 1000)
+        self.crash_requested = False
+
+    # main flow
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        self.refresh_timer()
+        self.outbox.start()
+        tasks = [asyncio.create_task(self.receive()), asyncio.create_task(self.tick())]
+        log.info("partition %d serving (epoch %d) at %s", self.partition, self.state.epoch,
+                 self.config.partition_endpoint(self.partition))
+        try:
+            while not self.stopping:
+                await self.wake.wait()
+                self.wake.clear()
+                batch, self.pending = self.pending, []
+                self.process(batch)
+                if self.crash_requested:
+                    raise SystemExit(70)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.channel.close()
+            self.outbox.close()
+            self.store.close()
+            self.ctx.term()
+            log.info("partition %d stopped", self.partition)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    async def receive(self) -> None:
+        while True:
+            messages = await self.channel.recv()
+            self.pending.extend(messages)
+            self.wake.set()
+
+    async def tick(self) -> None:
+        """Heartbeat-rate housekeeping: expired leases, silent gateways, stale waiters, outbox resends."""
+        interval = min(self.config.heartbeat_interval_s, 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.pending.append((None, {"op": "_tick"}))
+            self.wake.set()
+
+    def refresh_timer(self) -> None:
+        txn = self.store.begin()
+        try:
+            self.next_timer_ms = txn.next_timer_ms()
+        finally:
+            txn.abort()
+        if self.next_timer_ms is not None:
+            delay = max(0.0, self.next_timer_ms / 1000 - time.time())
+            asyncio.get_running_loop().call_later(delay + 0.001, self.wake.set)
+
+    # one batch
+    def process(self, batch: list[tuple[bytes | None, Message]]) -> None:
+        now = now_ms()
+        commands: list[dict[str, Any]] = []
+        for sender, message in batch:
+            self.classify(sender, message, now, commands)
+        if self.next_timer_ms is not None and self.next_timer_ms <= now:
+            commands.append({"op": "fire_timers", "limit": 5000})
+        actions = self.apply_batch(commands, now) if commands else []
+        self.perform(actions, now)
+        self.dispatch_work(now)
+        self.report_demand()
+
+    def classify(self, sender: bytes | None, message: Message, now: int, commands: list[dict[str, Any]]) -> None:
+        op = message.get("op")
+        if sender is not None and sender.startswith(b"g"):
+            gateway = self.gateways.get(sender)
+            if gateway is None:
+                gateway = self.gateways[sender] = Gateway(sender, now)
+            gateway.last_seen_ms = now
+        if op == "hb":
+            self.heartbeat(sender, now)
+        elif op == "credit":
+            gateway = self.gateways.get(sender)  # type: ignore[arg-type]
+            if gateway is not None and message.get("k") in gateway.credits:
+                gateway.credits[message["k"]] += int(message.get("n", 0))
+        elif op == "ack":
+            self.outbox.acked(int(message["from"]), int(message["seq"]), commands)
+        elif op == "_tick":
+            self.housekeeping(now, commands)
+        else:
+            message["_from"] = sender
+            commands.append(message)
+
+    def heartbeat(self, sender: bytes | None, now: int) -> None:
+        """A gateway is alive: renew every lease it holds and tell it our epoch."""
+        if sender is None:
+            return
+        for lease in self.state.leases_by_token.values():
+            if lease.gateway == sender:
+                lease.expires_ms = now + self.lease_ms
+        self.channel.send({"op": "hb", "p": self.partition, "e": self.state.epoch}, to=sender)
+        gateway = self.gateways[sender]
+        gateway.reported = None  # re-announce demand after a (re)connect
+
+    def housekeeping(self, now: int, commands: list[dict[str, Any]]) -> None:
+        silent_ms = int(self.config.gateway_timeout_s * 1000)
+        for identity, gateway in list(self.gateways.items()):
+            if now - gateway.last_seen_ms > silent_ms:
+                log.warning("partition %d: gateway %r silent; releasing its work items", self.partition, identity)
+                del self.gateways[identity]
+                commands.append({"op": "release_gateway", "g": identity})
+        for lease in list(self.state.leases_by_token.values()):
+            if lease.expires_ms < now:
+                log.warning("partition %d: lease %s expired; requeueing", self.partition, lease.token)
+                commands.append({"op": "abandon", "tok": lease.token, "quiet": True})
+        for instance_id, waiters in list(self.state.waiters.items()):
+            alive = [w for w in waiters if not w.deadline_ms or w.deadline_ms > now]
+            if alive:
+                self.state.waiters[instance_id] = alive
+            else:
+                del self.state.waiters[instance_id]
+        self.outbox.resend_due(now)
+
+    def apply_batch(self, commands: list[dict[str, Any]], now: int) -> list[Any]:
+        """One write transaction for the whole batch; each command in a nested transaction of its own."""
+        self.store.ensure_room(_BATCH_HEADROOM_BYTES)
+        txn = self.store.begin(write=True)
+        actions: list[Any] = []
+        for command in commands:
+            counters = self.state.snapshot_counters()
+            child = txn.child()
+            try:
+                produced = apply(child, command, now, self.state)
+                child.commit()
+                actions.extend(produced)
+            except DurableRuntimeError as exc:
+                child.abort()
+                self.state.restore_counters(counters)
+                self.reply_error(command, exc.code, str(exc))
+            except Exception as exc:  # a bug: answer, then restart from what LMDB holds
+                child.abort()
+                self.state.restore_counters(counters)
+                log.exception("partition %d: command %r failed", self.partition, command.get("op"))
+                self.reply_error(command, "internal", f"internal error: {exc}")
+                self.crash_requested = True
+        self.state.save_counters(txn)
+        txn.commit()
+        return actions
+
+    def reply_error(self, command: dict[str, Any], code: str, message: str) -> None:
+        if "rid" in command and command.get("_from"):
+            self.channel.send({"op": "reply", "rid": command["rid"], "err": [code, message]}, to=command["_from"])
+
+    # after commit
+    def perform(self, actions: list[Any], now: int) -> None:
+        changed: set[str] = set()
+        for action in actions:
+            if isinstance(action, act.Reply):
+                self.channel.send({"op": "reply", "rid": action.request_id, "ok": action.result}, to=action.to)
+            elif isinstance(action, act.SendToPartition):
+                self.outbox.wake(action.destination)
+            elif isinstance(action, act.AckPartition):
+                self.outbox.send_ack(action.sender, action.seq)
+            elif isinstance(action, act.StatusChanged):
+                changed.add(action.instance_id)
+        if changed:
+            self.wake_waiters(changed)
+        self.outbox.flush_new()
+        self.refresh_timer()
+
+    def wake_waiters(self, instance_ids: set[str]) -> None:
+        txn = self.store.begin()
+        try:
+            for instance_id in instance_ids:
+                waiters = self.state.waiters.get(instance_id)
+                if not waiters:
+                    continue
+                record = txn.get_instance(instance_id)
+                keep = []
+                for waiter in waiters:
+                    if record is None or condition_met(waiter.kind, record["s"]):
+                        state = None if record is None else instance_state(instance_id, record, waiter.with_payloads)
+                        self.channel.send({"op": "reply", "rid": waiter.request_id, "ok": state}, to=waiter.sender)
+                    else:
+                        keep.append(waiter)
+                if keep:
+                    self.state.waiters[instance_id] = keep
+                else:
+                    del self.state.waiters[instance_id]
+        finally:
+            txn.abort()
+
+    def dispatch_work(self, now: int) -> None:
+        """Spend the credits gateways granted; return what could not be spent."""
+        granted = [(g, kind) for g in self.gateways.values() for kind, n in g.credits.items() if n > 0]
+        if not granted:
+            return
+        txn = self.store.begin()
+        try:
+            for gateway, kind in granted:
+                credit = gateway.credits[kind]
+                fn = dispatch.dispatch_orchestrations if kind == "o" else dispatch.dispatch_activities
+                items = fn(txn, self.state, gateway.identity, credit, now, self.lease_ms)
+                for token, item in items:
+                    self.channel.send({"op": "wi", "k": kind, "tok": token, "wi": item}, to=gateway.identity)
+                unused = credit - len(items)
+                gateway.credits[kind] = 0
+                if unused:
+                    self.channel.send({"op": "ret", "k": kind, "n": unused, "p": self.partition}, to=gateway.identity)
+        finally:
+            txn.abort()
+
+    def report_demand(self) -> None:
+        if not self.gateways:
+            return
+        txn = self.store.begin()
+        try:
+            current = dispatch.demand(txn, self.state)
+        finally:
+            txn.abort()
+        for gateway in self.gateways.values():
+            if gateway.reported != current:
+                gateway.reported = dict(current)
+                self.channel.send({"op": "demand", "p": self.partition, "e": self.state.epoch, **current},
+                                  to=gateway.identity)

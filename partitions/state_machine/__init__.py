@@ -1,0 +1,91 @@
+"""The deterministic core of a partition: `apply(txn, command, now_ms, state) -> actions`.
+
+No I/O, no clock, no randomness, no awaits: the process supplies the transaction and the time, and
+performs the returned actions only after the transaction commits. One module per command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from partitions.state_machine import actions as act
+from partitions.state_machine.child_done import apply_child_done
+from partitions.state_machine.complete_activity import apply_complete_activity
+from partitions.state_machine.complete_orchestration import apply_complete_orchestration
+from partitions.state_machine.context import Ctx
+from partitions.state_machine.leases import apply_abandon, apply_release_gateway
+from partitions.state_machine.purge_instance import apply_purge
+from partitions.state_machine.queries import apply_get_instance, apply_wait
+from partitions.state_machine.raise_event import apply_raise_event
+from partitions.state_machine.start_instance import apply_start_child, apply_start_instance
+from partitions.state_machine.state import CoreState
+from partitions.state_machine.suspend_resume import apply_resume, apply_suspend
+from partitions.state_machine.terminate_instance import apply_terminate
+from partitions.state_machine.timers import apply_fire_timers
+from partitions.store.lmdb_store import StoreTxn
+from runtime.errors import InvalidArgumentError
+
+Handler = Callable[[Ctx, dict[str, Any]], None]
+
+# Commands from gateways (and the partition's own timers and lease checks).
+COMMANDS: dict[str, Handler] = {
+    "abandon": apply_abandon,
+    "complete_act": apply_complete_activity,
+    "complete_orch": apply_complete_orchestration,
+    "fire_timers": apply_fire_timers,
+    "get": apply_get_instance,
+    "purge": apply_purge,
+    "raise": apply_raise_event,
+    "release_gateway": apply_release_gateway,
+    "resume": apply_resume,
+    "start": apply_start_instance,
+    "suspend": apply_suspend,
+    "terminate": apply_terminate,
+    "wait": apply_wait,
+}
+
+# Messages between instances, possibly on other partitions (delivered through the outbox).
+MESSAGES: dict[str, Handler] = {
+    "child_done": apply_child_done,
+    "purge": apply_purge,
+    "raise": apply_raise_event,
+    "start_child": apply_start_child,
+    "terminate": apply_terminate,
+}
+
+
+def apply(txn: StoreTxn, command: dict[str, Any], now_ms: int, state: CoreState) -> list[Any]:
+    """Apply one command inside `txn` and return the actions to perform after commit."""
+    ctx = Ctx(txn, now_ms, state)
+    op = command.get("op")
+    if op == "deliver":
+        _apply_delivery(ctx, command)
+    elif op == "acked":
+        txn.delete_outbox_through(command["dest"], command["seq"])
+    else:
+        handler = COMMANDS.get(op)  # type: ignore[arg-type]
+        if handler is None:
+            raise InvalidArgumentError(f"unknown command {op!r}")
+        handler(ctx, command)
+    return ctx.actions
+
+
+def apply_internal(ctx: Ctx, message: dict[str, Any]) -> None:
+    """Apply a message addressed to an instance of this partition."""
+    MESSAGES[message["op"]](ctx, message)
+
+
+def _apply_delivery(ctx: Ctx, command: dict[str, Any]) -> None:
+    """Messages from partition `from`, in its outbox order. Seen ones are skipped; a gap waits for the resend."""
+    sender = command["from"]
+    last = ctx.txn.get_dedup(sender)
+    for seq, message in command["msgs"]:
+        if seq <= last:
+            continue
+        if seq != last + 1:
+            break
+        apply_internal(ctx, message)
+        last = seq
+    ctx.txn.put_dedup(sender, last)
+    ctx.actions.append(act.AckPartition(sender, last))

@@ -1,0 +1,169 @@
+"""CompleteOrchestratorTask: commit the dispatched events and the orchestrator's actions to history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.orchestrator_actions import HANDLERS, UNSUPPORTED, Outcome
+from partitions.state_machine.start_instance import derive_execution_id
+from partitions.state_machine.state import Lease
+from protos import orchestrator_service_pb2 as pb
+from runtime.errors import InvalidArgumentError, StaleCompletionError
+
+
+def _lease(ctx: Ctx, cmd: dict[str, Any]) -> Lease:
+    lease = ctx.state.leases_by_token.get(cmd.get("tok", ""))
+    if lease is None or lease.kind != "o" or lease.key != cmd["i"]:
+        raise StaleCompletionError(
+            f"completion token '{cmd.get('tok', '')}' for instance '{cmd['i']}' is not the current lease"
+            " (expired, abandoned, already completed, or from before a restart)"
+        )
+    return lease
+
+
+def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    lease = _lease(ctx, cmd)
+    try:
+        response = pb.OrchestratorResponse.FromString(cmd["resp"])
+    except Exception as exc:
+        raise InvalidArgumentError(f"malformed OrchestratorResponse: {exc}") from exc
+    instance_id = lease.key
+    assert isinstance(instance_id, str)
+    record = ctx.load(instance_id)
+    ctx.state.release(lease)
+    if record is None or record["x"] != lease.execution_id:
+        ctx.reply(cmd)  # purged or replaced while in flight: nothing to commit
+        return
+
+    out = Outcome(instance_id, record)
+    delivered = [lease.started_event]
+    for key in lease.inbox_keys:
+        value = ctx.txn.get_inbox_key(key)
+        if value is not None:
+            delivered.append(value)
+            ctx.txn.delete_inbox_key(key)
+    terminate_requested = any(pb.HistoryEvent.FromString(e).HasField("executionTerminated") for e in delivered[1:])
+
+    if record["s"] == ev.PENDING:
+        ctx.set_status(instance_id, record, ev.RUNNING)
+    if response.HasField("customStatus"):
+        record["cs"] = response.customStatus.value
+
+    failure = _apply_actions(ctx, out, response)
+    _append_history(ctx, instance_id, record, delivered + out.history)
+
+    if failure is None and len(delivered) + len(out.history) + record["hl"] > ctx.state.max_history_events:
+        failure = ("HistoryLimitExceeded", f"the history would exceed {ctx.state.max_history_events} events")
+    if failure is not None:
+        _finish(ctx, out, ev.FAILED, None, ev.failure_details(*failure))
+    elif out.complete is not None:
+        _complete(ctx, out)
+    elif terminate_requested:
+        _finish(ctx, out, ev.TERMINATED, None, None)
+    else:
+        _requeue_if_pending(ctx, instance_id, record)
+    ctx.save(instance_id, record)
+    ctx.reply(cmd)
+
+
+def _apply_actions(ctx: Ctx, out: Outcome, response: pb.OrchestratorResponse) -> tuple[str, str] | None:
+    """Apply every action, or none of them when one is unknown or unsupported (the instance then fails)."""
+    kinds = [action.WhichOneof("orchestratorActionType") for action in response.actions]
+    for kind in kinds:
+        if kind in UNSUPPORTED:
+            return ("UnsupportedAction", f"the orchestrator action '{kind}' is not supported by this engine yet")
+        if kind not in HANDLERS:
+            return ("InvalidAction", f"orchestrator action '{kind}' is not a known action")
+    for action, kind in zip(response.actions, kinds, strict=True):
+        HANDLERS[kind](ctx, out, action)
+    return None
+
+
+def _append_history(ctx: Ctx, instance_id: str, record: Record, events: list[bytes]) -> None:
+    index = record["hl"]
+    for event in events:
+        ctx.txn.put_history(instance_id, index, event)
+        index += 1
+    record["hl"] = index
+
+
+def _complete(ctx: Ctx, out: Outcome) -> None:
+    complete = out.complete
+    assert complete is not None
+    result = complete.result.value if complete.HasField("result") else None
+    failure = complete.failureDetails.SerializeToString() if complete.HasField("failureDetails") else None
+    status = complete.orchestrationStatus
+    if status == ev.CONTINUED_AS_NEW:
+        _continue_as_new(ctx, out, complete, result)
+        return
+    if status not in ev.TERMINAL:
+        status = ev.FAILED
+        failure = ev.failure_details("InvalidStatus", f"completeOrchestration with non-terminal status {status}")
+    _append_history(
+        ctx,
+        out.instance_id,
+        out.record,
+        [
+            ev.history_event(
+                ctx.now_ms,
+                out.complete_id,
+                executionCompleted=pb.ExecutionCompletedEvent(
+                    orchestrationStatus=status,
+                    result=complete.result if complete.HasField("result") else None,
+                    failureDetails=complete.failureDetails if complete.HasField("failureDetails") else None,
+                ),
+            ).SerializeToString()
+        ],
+    )
+    _finish(ctx, out, status, result, failure)
+
+
+def _finish(ctx: Ctx, out: Outcome, status: int, result: str | None, failure: bytes | None) -> None:
+    """End the execution: record the outcome, drop pending events, tell the parent."""
+    instance_id, record = out.instance_id, out.record
+    ctx.set_status(instance_id, record, status)
+    record["out"] = result
+    record["fd"] = failure
+    record["d"] = ctx.now_ms
+    record["wk"] = 0
+    ctx.unqueue(record)
+    ctx.txn.delete_inbox(instance_id)
+    parent = record.get("p")
+    if parent:
+        ctx.send_to_instance(
+            parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": status, "out": result, "fd": failure}
+        )
+
+
+def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationAction, new_input: str | None) -> None:
+    """Reset history; the next work item starts with executionStarted(new input), carry-over, then arrivals."""
+    instance_id, record = out.instance_id, out.record
+    leftovers = ctx.txn.inbox(instance_id)
+    ctx.txn.delete_inbox(instance_id)
+    ctx.txn.delete_history(instance_id)
+    record["hl"] = 0
+    record["g"] = record.get("g", 0) + 1
+    record["x"] = derive_execution_id(instance_id, ctx.now_ms, record["g"])
+    record["in"] = new_input
+    record["out"] = None
+    record["hu"] = 0
+    if complete.HasField("newVersion"):
+        record["v"] = complete.newVersion.value
+    ctx.unqueue(record)
+    ctx.set_status(instance_id, record, ev.RUNNING)
+    ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
+    for event in complete.carryoverEvents:
+        ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event.SerializeToString())
+    for _, event in leftovers:
+        ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event)
+
+
+def _requeue_if_pending(ctx: Ctx, instance_id: str, record: Record) -> None:
+    """The dispatched batch is done; events that arrived meanwhile make the instance ready again."""
+    ctx.unqueue(record)
+    if ctx.txn.inbox(instance_id):
+        ctx.mark_ready(instance_id, record)
+    else:
+        record["wk"] = 0

@@ -1,0 +1,87 @@
+"""The context one command is applied in: the write transaction, the clock value, state and actions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from partitions.state_machine import actions as act
+from partitions.state_machine import events as ev
+from partitions.state_machine.state import CoreState
+from partitions.store.lmdb_store import StoreTxn
+from runtime.hashing import partition_for
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Ctx:
+    txn: StoreTxn
+    now_ms: int
+    state: CoreState
+    actions: list[Any] = field(default_factory=list)
+
+    # placement and messages to other partitions
+    def owns(self, instance_id: str) -> bool:
+        return partition_for(instance_id, self.state.partition_count) == self.state.partition
+
+    def send_to_instance(self, instance_id: str, message: dict[str, Any]) -> None:
+        """Deliver `message` to the partition owning `instance_id`: here at once, elsewhere via the outbox.
+
+        The outbox row is written in this transaction, so the message leaves if and only if its cause
+        commits; the receiver deduplicates by (sender, seq), which makes the effect exactly-once.
+        """
+        message["i"] = instance_id
+        destination = partition_for(instance_id, self.state.partition_count)
+        if destination == self.state.partition:
+            from partitions.state_machine import apply_internal  # local import: the dispatcher imports us
+
+            apply_internal(self, message)
+            return
+        seq = self.state.next_outbox_seq(destination)
+        self.txn.put_outbox(destination, seq, message)
+        self.actions.append(act.SendToPartition(destination))
+
+    # instances
+    def load(self, instance_id: str) -> Record | None:
+        return self.txn.get_instance(instance_id)
+
+    def save(self, instance_id: str, record: Record) -> None:
+        record["u"] = self.now_ms
+        self.txn.put_instance(instance_id, record)
+
+    def set_status(self, instance_id: str, record: Record, status: int) -> None:
+        if record["s"] != status:
+            record["s"] = status
+            self.actions.append(act.StatusChanged(instance_id))
+
+    def enqueue_event(self, instance_id: str, record: Record, event: bytes, wakes: bool = False) -> None:
+        """Append a new event to the instance's inbox and make it ready if it may run.
+
+        `wakes` marks events that must reach a suspended or not-yet-started instance (resume, terminate).
+        """
+        self.txn.put_inbox(instance_id, self.state.next_seq(), event)
+        if wakes:
+            record["wk"] = 1
+        self.mark_ready(instance_id, record)
+
+    def mark_ready(self, instance_id: str, record: Record) -> None:
+        """Queue the instance for dispatch unless it is queued already, suspended, or scheduled for later."""
+        if record.get("rq") or record["s"] in ev.TERMINAL:
+            return
+        if not record.get("wk"):
+            if record["s"] == ev.SUSPENDED or record.get("hu", 0) > self.now_ms:
+                return
+        seq = self.state.next_seq()
+        self.txn.put_orch_ready(seq, instance_id)
+        record["rq"] = seq
+        self.actions.append(act.WorkAvailable())
+
+    def unqueue(self, record: Record) -> None:
+        if record.get("rq"):
+            self.txn.delete_orch_ready(record["rq"])
+            record["rq"] = 0
+
+    def reply(self, cmd: dict[str, Any], result: Any = None) -> None:
+        if "rid" in cmd:
+            self.actions.append(act.Reply(cmd["_from"], cmd["rid"], result))

@@ -1,0 +1,130 @@
+"""The orchestrator's actions from CompleteOrchestratorTask, one function per action kind.
+
+Each action is confirmed by a history event whose eventId is the action's id (DESIGN.md §5).
+Handlers are named `_apply_<proto field name>` and kept in alphabetical order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import Ctx, Record
+from protos import orchestrator_service_pb2 as pb
+
+
+class Outcome:
+    """What the actions of one completion add up to."""
+
+    def __init__(self, instance_id: str, record: Record) -> None:
+        self.instance_id = instance_id
+        self.record = record
+        self.history: list[bytes] = []
+        self.complete: pb.CompleteOrchestrationAction | None = None
+        self.complete_id = -1
+
+    def confirm(self, ctx: Ctx, action_id: int, **payload: object) -> None:
+        self.history.append(ev.history_event(ctx.now_ms, action_id, **payload).SerializeToString())
+
+
+def _apply_complete_orchestration(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    # Applied last by the caller: it ends (or restarts) the execution.
+    out.complete = action.completeOrchestration
+    out.complete_id = action.id
+
+
+def _apply_create_sub_orchestration(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    sub = action.createSubOrchestration
+    record = out.record
+    child_id = sub.instanceId or f"{out.instance_id}:{action.id:04x}"
+    out.confirm(
+        ctx,
+        action.id,
+        subOrchestrationInstanceCreated=pb.SubOrchestrationInstanceCreatedEvent(
+            instanceId=child_id,
+            name=sub.name,
+            version=sub.version if sub.HasField("version") else None,
+            input=sub.input if sub.HasField("input") else None,
+            parentTraceContext=sub.parentTraceContext if sub.HasField("parentTraceContext") else None,
+            tags=sub.tags,
+        ),
+    )
+    children = record.setdefault("ch", [])
+    if child_id not in children:
+        children.append(child_id)
+    message = {
+        "op": "start_child",
+        "n": sub.name,
+        "v": sub.version.value if sub.HasField("version") else None,
+        "in": sub.input.value if sub.HasField("input") else None,
+        "tg": dict(sub.tags),
+        "p": [out.instance_id, record["x"], action.id, record["n"], record.get("v")],
+    }
+    if sub.HasField("parentTraceContext"):
+        message["tc"] = sub.parentTraceContext.SerializeToString()
+    ctx.send_to_instance(child_id, message)
+
+
+def _apply_create_timer(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    fire_at = action.createTimer.fireAt
+    out.confirm(ctx, action.id, timerCreated=pb.TimerCreatedEvent(fireAt=fire_at))
+    ctx.txn.put_timer(ev.timestamp_ms(fire_at), out.instance_id, action.id, {"x": out.record["x"]})
+
+
+def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    task = action.scheduleTask
+    out.confirm(
+        ctx,
+        action.id,
+        taskScheduled=pb.TaskScheduledEvent(
+            name=task.name,
+            version=task.version if task.HasField("version") else None,
+            input=task.input if task.HasField("input") else None,
+            parentTraceContext=task.parentTraceContext if task.HasField("parentTraceContext") else None,
+            tags=task.tags,
+        ),
+    )
+    activity = {
+        "i": out.instance_id,
+        "x": out.record["x"],
+        "t": action.id,
+        "n": task.name,
+        "v": task.version.value if task.HasField("version") else None,
+        "in": task.input.value if task.HasField("input") else None,
+        "tg": dict(task.tags),
+    }
+    if task.HasField("parentTraceContext"):
+        activity["tc"] = task.parentTraceContext.SerializeToString()
+    ctx.txn.put_activity(ctx.state.next_seq(), activity)
+
+
+def _apply_send_event(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    send = action.sendEvent
+    target = send.instance.instanceId
+    data = send.data.value if send.HasField("data") else None
+    out.confirm(
+        ctx,
+        action.id,
+        eventSent=pb.EventSentEvent(instanceId=target, name=send.name, input=send.data if send.HasField("data") else None),
+    )
+    if target:
+        ctx.send_to_instance(target, {"op": "raise", "n": send.name, "in": data, "quiet": True})
+
+
+def _apply_terminate_orchestration(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    term = action.terminateOrchestration
+    if term.instanceId:
+        reason = term.reason.value if term.HasField("reason") else None
+        ctx.send_to_instance(term.instanceId, {"op": "terminate", "out": reason, "r": term.recurse, "quiet": True})
+
+
+UNSUPPORTED = frozenset({"rewindOrchestration", "sendEntityMessage"})
+
+HANDLERS: dict[str, Callable[[Ctx, Outcome, pb.OrchestratorAction], None]] = {
+    "completeOrchestration": _apply_complete_orchestration,
+    "createSubOrchestration": _apply_create_sub_orchestration,
+    "createTimer": _apply_create_timer,
+    "scheduleTask": _apply_schedule_task,
+    "sendEvent": _apply_send_event,
+    "terminateOrchestration": _apply_terminate_orchestration,
+}

@@ -1,0 +1,42 @@
+"""GetInstance and the WaitFor* requests, answered from the instance record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.state import Waiter
+
+_STATE_FIELDS = ("n", "v", "s", "c", "u", "d", "cs", "fd", "x", "tg", "hu")
+
+
+def instance_state(instance_id: str, record: Record, with_payloads: bool) -> dict[str, Any]:
+    """The fields the gateway turns into an OrchestrationState."""
+    state = {k: record.get(k) for k in _STATE_FIELDS}
+    state["i"] = instance_id
+    state["pi"] = record["p"][0] if record.get("p") else None
+    if with_payloads:
+        state["in"] = record.get("in")
+        state["out"] = record.get("out")
+    return state
+
+
+def condition_met(kind: str, status: int) -> bool:
+    return status != ev.PENDING if kind == "start" else status in ev.TERMINAL
+
+
+def apply_get_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    record = ctx.load(cmd["i"])
+    ctx.reply(cmd, None if record is None else instance_state(cmd["i"], record, bool(cmd.get("pl"))))
+
+
+def apply_wait(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """Answer now if the condition holds (or the instance does not exist); otherwise park a waiter."""
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if record is None or condition_met(cmd["k"], record["s"]):
+        ctx.reply(cmd, None if record is None else instance_state(instance_id, record, bool(cmd.get("pl"))))
+        return
+    waiter = Waiter(cmd["_from"], cmd["rid"], cmd["k"], int(cmd.get("dl", 0)), bool(cmd.get("pl")))
+    ctx.state.waiters.setdefault(instance_id, []).append(waiter)

@@ -1,0 +1,78 @@
+"""StartInstance and sub-orchestration creation: a new instance record with executionStarted in its inbox."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.purge_instance import remove_instance
+from partitions.store.keys import SCHEDULED_START_TIMER_ID
+from runtime.errors import InstanceAlreadyExistsError
+
+_EXECUTION_NAMESPACE = uuid.UUID("6f1d3c52-7a0e-4b8e-9a57-2f0d9b1c4e11")
+
+
+def derive_execution_id(instance_id: str, now_ms: int, generation: int) -> str:
+    """Execution ids derived from the command, so the core stays free of randomness."""
+    return uuid.uuid5(_EXECUTION_NAMESPACE, f"{instance_id}\x00{now_ms}\x00{generation}").hex
+
+
+def apply_start_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """Create the instance, or replace one whose status the reuse policy lists as replaceable."""
+    instance_id = cmd["i"]
+    existing = ctx.load(instance_id)
+    if existing is not None:
+        if existing["s"] not in (cmd.get("reuse") or ()):
+            raise InstanceAlreadyExistsError(
+                f"an orchestration instance with id '{instance_id}' already exists"
+                f" (status {ev.pb.OrchestrationStatus.Name(existing['s'])})"
+            )
+        remove_instance(ctx, instance_id, existing)
+    create_instance(ctx, instance_id, cmd, parent=None)
+    ctx.reply(cmd, {"i": instance_id})
+
+
+def apply_start_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """A parent's createSubOrchestration. A terminal child with the same id is replaced (SDK retries reuse it)."""
+    instance_id = cmd["i"]
+    parent = cmd["p"]
+    existing = ctx.load(instance_id)
+    if existing is not None:
+        if existing["s"] not in ev.TERMINAL:
+            failure = ev.failure_details(
+                "InstanceAlreadyExists", f"a sub-orchestration with id '{instance_id}' is already running"
+            )
+            ctx.send_to_instance(
+                parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure}
+            )
+            return
+        remove_instance(ctx, instance_id, existing)
+    create_instance(ctx, instance_id, cmd, parent=parent)
+
+
+def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: list[Any] | None) -> Record:
+    scheduled_ms = cmd.get("ss") or 0
+    record: Record = {
+        "n": cmd["n"],
+        "v": cmd.get("v"),
+        "s": ev.PENDING,
+        "x": cmd.get("x") or derive_execution_id(instance_id, ctx.now_ms, 0),
+        "in": cmd.get("in"),
+        "c": ctx.now_ms,
+        "hu": scheduled_ms if scheduled_ms > ctx.now_ms else 0,
+        "tg": cmd.get("tg") or {},
+        "p": parent,
+        "hl": 0,
+        "rq": 0,
+        "g": 0,
+        "ch": [],
+    }
+    if cmd.get("tc"):
+        record["tc"] = cmd["tc"]
+    ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
+    if record["hu"]:
+        ctx.txn.put_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, {"x": record["x"]})
+    ctx.save(instance_id, record)
+    return record

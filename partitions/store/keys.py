@@ -1,0 +1,86 @@
+"""Every table name and key layout of a partition store, in one place.
+
+Keys are big-endian and fixed-width where they carry numbers, so LMDB's byte order is the logical
+order. Instance ids are UTF-8 and may not contain NUL, so `id + NUL` is a safe per-instance prefix.
+"""
+
+import struct
+
+TABLES = (
+    "meta",  # name -> value: partition count, epoch, counters
+    "instances",  # instance id -> msgpack instance record
+    "history",  # id NUL u32 index -> HistoryEvent bytes
+    "inbox",  # id NUL u64 seq -> HistoryEvent bytes not yet given to the orchestrator
+    "orch_ready",  # u64 seq -> instance id with work to dispatch
+    "act_ready",  # u64 seq -> msgpack activity request
+    "timers",  # u64 fire_ms, id NUL, i32 timer id -> msgpack {execution id}
+    "outbox",  # u16 destination partition, u64 seq -> msgpack message
+    "dedup",  # u16 sender partition -> u64 last applied seq
+)
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_I32 = struct.Struct(">i")
+_TIMER_SUFFIX = struct.Struct(">i")
+
+SCHEDULED_START_TIMER_ID = -1  # a timer row that makes a scheduled instance ready, not a timerFired
+
+META_PARTITION_COUNT = b"partition_count"
+META_PARTITION_INDEX = b"partition_index"
+META_EPOCH = b"epoch"
+META_SEQ = b"seq"
+
+
+def instance_prefix(instance_id: str) -> bytes:
+    return instance_id.encode("utf-8") + b"\x00"
+
+
+def history_key(instance_id: str, index: int) -> bytes:
+    return instance_prefix(instance_id) + _U32.pack(index)
+
+
+def inbox_key(instance_id: str, seq: int) -> bytes:
+    return instance_prefix(instance_id) + _U64.pack(seq)
+
+
+def seq_key(seq: int) -> bytes:
+    return _U64.pack(seq)
+
+
+def seq_from_key(key: bytes) -> int:
+    return _U64.unpack(key)[0]
+
+
+def timer_key(fire_ms: int, instance_id: str, timer_id: int) -> bytes:
+    return _U64.pack(fire_ms) + instance_prefix(instance_id) + _I32.pack(timer_id)
+
+
+def parse_timer_key(key: bytes) -> tuple[int, str, int]:
+    fire_ms = _U64.unpack_from(key)[0]
+    instance_id = key[8:-5].decode("utf-8")
+    return fire_ms, instance_id, _I32.unpack_from(key, len(key) - 4)[0]
+
+
+def outbox_key(destination: int, seq: int) -> bytes:
+    return _U16.pack(destination) + _U64.pack(seq)
+
+
+def parse_outbox_key(key: bytes) -> tuple[int, int]:
+    return _U16.unpack_from(key)[0], _U64.unpack_from(key, 2)[0]
+
+
+def partition_key(partition: int) -> bytes:
+    return _U16.pack(partition)
+
+
+def outbox_seq_meta_key(destination: int) -> bytes:
+    return b"outbox_seq:" + _U16.pack(destination)
+
+
+def pack_u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def unpack_u64(value: bytes) -> int:
+    return _U64.unpack(value)[0]

@@ -1,0 +1,261 @@
+"""The LMDB store of one partition: the environment, its tables, and a typed write transaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import lmdb
+import msgpack
+
+from partitions.store import keys
+
+log = logging.getLogger(__name__)
+
+_GROW_WHEN_USED = 0.5  # double the map before a batch once half of it is in use
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+class LmdbStore:
+    """Opens (or creates) a partition's environment. The owning partition process is its only writer."""
+
+    def __init__(self, path: str, map_size_bytes: int) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.env = lmdb.open(
+            path,
+            map_size=map_size_bytes,
+            max_dbs=len(keys.TABLES) + 4,
+            sync=True,
+            metasync=True,
+            readahead=False,
+            max_readers=64,
+        )
+        self.dbs = {name: self.env.open_db(name.encode()) for name in keys.TABLES}
+
+    def ensure_room(self, headroom_bytes: int) -> None:
+        """Grow the map before a write batch so that LMDB never reports MapFullError mid-batch."""
+        info = self.env.info()
+        page_size = self.env.stat()["psize"]
+        used = (info["last_pgno"] + 1) * page_size
+        size = info["map_size"]
+        if used + headroom_bytes > size * _GROW_WHEN_USED:
+            new_size = max(size * 2, (used + headroom_bytes) * 2)
+            log.info("growing LMDB map of %s from %d to %d bytes", self.path, size, new_size)
+            self.env.set_mapsize(new_size)
+
+    def begin(self, write: bool = False) -> StoreTxn:
+        return StoreTxn(self.env.begin(write=write), self.dbs, self.env)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class StoreTxn:
+    """Typed access to the tables inside one LMDB transaction."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], env: lmdb.Environment) -> None:
+        self.txn = txn
+        self.env = env
+        self._meta = dbs["meta"]
+        self._instances = dbs["instances"]
+        self._history = dbs["history"]
+        self._inbox = dbs["inbox"]
+        self._orch_ready = dbs["orch_ready"]
+        self._act_ready = dbs["act_ready"]
+        self._timers = dbs["timers"]
+        self._outbox = dbs["outbox"]
+        self._dedup = dbs["dedup"]
+        self.dbs = dbs
+
+    def child(self) -> StoreTxn:
+        """A nested write transaction: a failed command rolls back alone."""
+        return StoreTxn(self.env.begin(write=True, parent=self.txn), self.dbs, self.env)
+
+    def commit(self) -> None:
+        self.txn.commit()
+
+    def abort(self) -> None:
+        self.txn.abort()
+
+    # meta
+    def get_meta(self, name: bytes) -> bytes | None:
+        return self.txn.get(name, db=self._meta)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        self.txn.put(name, value, db=self._meta)
+
+    # instances
+    def get_instance(self, instance_id: str) -> dict[str, Any] | None:
+        raw = self.txn.get(instance_id.encode("utf-8"), db=self._instances)
+        return None if raw is None else unpack(raw)
+
+    def put_instance(self, instance_id: str, record: dict[str, Any]) -> None:
+        self.txn.put(instance_id.encode("utf-8"), pack(record), db=self._instances)
+
+    def delete_instance(self, instance_id: str) -> None:
+        self.txn.delete(instance_id.encode("utf-8"), db=self._instances)
+
+    def instance_count(self) -> int:
+        return self.txn.stat(self._instances)["entries"]
+
+    # history
+    def history(self, instance_id: str) -> list[bytes]:
+        return list(self._values_with_prefix(self._history, keys.instance_prefix(instance_id)))
+
+    def put_history(self, instance_id: str, index: int, event: bytes) -> None:
+        self.txn.put(keys.history_key(instance_id, index), event, db=self._history)
+
+    def delete_history(self, instance_id: str) -> None:
+        self._delete_prefix(self._history, keys.instance_prefix(instance_id))
+
+    # inbox
+    def inbox(self, instance_id: str) -> list[tuple[bytes, bytes]]:
+        """(key, event) pairs in arrival order."""
+        prefix = keys.instance_prefix(instance_id)
+        cur = self.txn.cursor(db=self._inbox)
+        out = []
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                out.append((key, value))
+        return out
+
+    def put_inbox(self, instance_id: str, seq: int, event: bytes) -> None:
+        self.txn.put(keys.inbox_key(instance_id, seq), event, db=self._inbox)
+
+    def get_inbox_key(self, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=self._inbox)
+
+    def delete_inbox_key(self, key: bytes) -> None:
+        self.txn.delete(key, db=self._inbox)
+
+    def delete_inbox(self, instance_id: str) -> None:
+        self._delete_prefix(self._inbox, keys.instance_prefix(instance_id))
+
+    # ready queues
+    def put_orch_ready(self, seq: int, instance_id: str) -> None:
+        self.txn.put(keys.seq_key(seq), instance_id.encode("utf-8"), db=self._orch_ready)
+
+    def delete_orch_ready(self, seq: int) -> None:
+        self.txn.delete(keys.seq_key(seq), db=self._orch_ready)
+
+    def orch_ready_after(self, seq: int) -> Iterator[tuple[int, str]]:
+        for key, value in self._items_from(self._orch_ready, keys.seq_key(seq + 1)):
+            yield keys.seq_from_key(key), value.decode("utf-8")
+
+    def orch_ready_count(self) -> int:
+        return self.txn.stat(self._orch_ready)["entries"]
+
+    def put_activity(self, seq: int, activity: dict[str, Any]) -> None:
+        self.txn.put(keys.seq_key(seq), pack(activity), db=self._act_ready)
+
+    def get_activity(self, seq: int) -> dict[str, Any] | None:
+        raw = self.txn.get(keys.seq_key(seq), db=self._act_ready)
+        return None if raw is None else unpack(raw)
+
+    def delete_activity(self, seq: int) -> None:
+        self.txn.delete(keys.seq_key(seq), db=self._act_ready)
+
+    def activities_after(self, seq: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        for key, value in self._items_from(self._act_ready, keys.seq_key(seq + 1)):
+            yield keys.seq_from_key(key), unpack(value)
+
+    def activity_count(self) -> int:
+        return self.txn.stat(self._act_ready)["entries"]
+
+    # timers
+    def put_timer(self, fire_ms: int, instance_id: str, timer_id: int, record: dict[str, Any]) -> None:
+        self.txn.put(keys.timer_key(fire_ms, instance_id, timer_id), pack(record), db=self._timers)
+
+    def due_timers(self, now_ms: int, limit: int) -> list[tuple[bytes, int, str, int, dict[str, Any]]]:
+        out = []
+        for key, value in self._items_from(self._timers, b""):
+            fire_ms, instance_id, timer_id = keys.parse_timer_key(key)
+            if fire_ms > now_ms or len(out) >= limit:
+                break
+            out.append((key, fire_ms, instance_id, timer_id, unpack(value)))
+        return out
+
+    def next_timer_ms(self) -> int | None:
+        cur = self.txn.cursor(db=self._timers)
+        return keys.parse_timer_key(cur.key())[0] if cur.first() else None
+
+    def delete_timer_key(self, key: bytes) -> None:
+        self.txn.delete(key, db=self._timers)
+
+    # outbox and dedup
+    def put_outbox(self, destination: int, seq: int, message: dict[str, Any]) -> None:
+        self.txn.put(keys.outbox_key(destination, seq), pack(message), db=self._outbox)
+
+    def outbox_from(self, destination: int, after_seq: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        for key, value in self._items_from(self._outbox, keys.outbox_key(destination, after_seq + 1)):
+            dest, seq = keys.parse_outbox_key(key)
+            if dest != destination or len(out) >= limit:
+                break
+            out.append((seq, unpack(value)))
+        return out
+
+    def delete_outbox_through(self, destination: int, seq: int) -> int:
+        removed = 0
+        cur = self.txn.cursor(db=self._outbox)
+        if not cur.set_range(keys.outbox_key(destination, 0)):
+            return 0
+        while True:
+            dest, row_seq = keys.parse_outbox_key(cur.key())
+            if dest != destination or row_seq > seq:
+                break
+            removed += 1
+            if not cur.delete():
+                break
+        return removed
+
+    def outbox_destinations(self) -> set[int]:
+        dests = set()
+        cur = self.txn.cursor(db=self._outbox)
+        if not cur.first():
+            return dests
+        while True:
+            dest, _ = keys.parse_outbox_key(cur.key())
+            dests.add(dest)
+            if not cur.set_range(keys.outbox_key(dest + 1, 0)):
+                return dests
+
+    def get_dedup(self, sender: int) -> int:
+        raw = self.txn.get(keys.partition_key(sender), db=self._dedup)
+        return 0 if raw is None else keys.unpack_u64(raw)
+
+    def put_dedup(self, sender: int, seq: int) -> None:
+        self.txn.put(keys.partition_key(sender), keys.pack_u64(seq), db=self._dedup)
+
+    # helpers
+    def _items_from(self, db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+        cur = self.txn.cursor(db=db)
+        if not cur.set_range(start):
+            return
+        yield from cur
+
+    def _values_with_prefix(self, db: Any, prefix: bytes) -> Iterator[bytes]:
+        for key, value in self._items_from(db, prefix):
+            if not key.startswith(prefix):
+                return
+            yield value
+
+    def _delete_prefix(self, db: Any, prefix: bytes) -> None:
+        cur = self.txn.cursor(db=db)
+        if not cur.set_range(prefix):
+            return
+        while cur.key().startswith(prefix):
+            if not cur.delete():
+                break

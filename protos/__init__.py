@@ -1,0 +1,1 @@
+"""Protocol definition and generated gRPC/protobuf code for the Durable Task sidecar."""

@@ -1,0 +1,1 @@
+"""durable-runtime: the gateway, router and supervisor around the partition processes."""

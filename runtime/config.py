@@ -1,0 +1,106 @@
+"""Configuration: one frozen dataclass, filled from flags and DURABLE_RUNTIME_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "DURABLE_RUNTIME_"
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of a node. Units are in the field names."""
+
+    partitions: int = _opt(8, "number of partitions; fixed when the data directory is created")
+    host: str = _opt("127.0.0.1", "address the gRPC gateway listens on")
+    port: int = _opt(4001, "port the gRPC gateway listens on")
+    data_dir: str = _opt("./durable-data", "directory holding one LMDB environment per partition")
+    gateways: int = _opt(1, "number of gateway processes sharing the gRPC port (SO_REUSEPORT)")
+    lease_timeout_s: float = _opt(120.0, "a dispatched work item returns to the queue when its lease is not renewed for this long")
+    gateway_timeout_s: float = _opt(10.0, "a partition releases the work items of a gateway it has not heard from for this long")
+    heartbeat_interval_s: float = _opt(1.0, "how often gateways and partitions exchange heartbeats")
+    health_ping_interval_s: float = _opt(30.0, "idle worker streams get a healthPing work item this often")
+    request_timeout_s: float = _opt(30.0, "gateway-side limit for a client RPC that carries no deadline")
+    max_request_bytes: int = _opt(4 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_instance_id_length: int = _opt(256, "longest instance id accepted, in characters")
+    max_history_events: int = _opt(100_000, "an orchestration whose history would grow past this fails")
+    map_size_bytes: int = _opt(1 << 30, "initial LMDB map size per partition; it grows when full")
+    max_batch_commands: int = _opt(2000, "most commands a partition applies in one write transaction")
+    outbox_resend_interval_s: float = _opt(1.0, "unacknowledged messages to other partitions are resent this often")
+    zmq_transport: str = _opt("ipc", "ipc (one machine) or tcp (partitions on several nodes)")
+    zmq_host: str = _opt("127.0.0.1", "address partitions bind to with the tcp transport")
+    zmq_base_port: int = _opt(5600, "partition p listens on zmq_base_port + p with the tcp transport")
+    drain_grace_s: float = _opt(20.0, "on SIGTERM, in-flight work may finish for this long before exit")
+    log_level: str = _opt("INFO", "logging level")
+
+    def runtime_dir(self) -> str:
+        """A short per-data-dir directory for ipc sockets (unix socket paths are limited to ~100 bytes)."""
+        digest = hashlib.sha1(os.path.abspath(self.data_dir).encode()).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), f"durable-runtime-{digest}")
+
+    def partition_endpoint(self, partition: int) -> str:
+        """Where partition `partition` binds its ZeroMQ ROUTER socket; gateways and peers connect here."""
+        if self.zmq_transport == "tcp":
+            return f"tcp://{self.zmq_host}:{self.zmq_base_port + partition}"
+        return f"ipc://{self.runtime_dir()}/p{partition}.sock"
+
+    def partition_data_dir(self, partition: int) -> str:
+        return os.path.join(self.data_dir, f"partition-{partition:03d}")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser(prog: str = "durable-runtime") -> argparse.ArgumentParser:
+    """The node's command line. Each flag defaults to its DURABLE_RUNTIME_* variable, then the built-in default."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a durable-runtime node: a gRPC gateway serving TaskHubSidecarService plus partition processes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Config):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=type(f.default),
+            default=None,
+            help=f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default})",
+        )
+    return parser
+
+
+def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
+    """Resolve every field: flag, then environment variable, then default."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(args, f.name, None)
+        if value is None and _env_name(f.name) in environ:
+            value = type(f.default)(environ[_env_name(f.name)])
+        if value is not None:
+            values[f.name] = value
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if not 1 <= config.partitions <= 1024:
+        raise ValueError(f"--partitions must be between 1 and 1024, got {config.partitions}")
+    if not 1 <= config.gateways <= 64:
+        raise ValueError(f"--gateways must be between 1 and 64, got {config.gateways}")
+    if config.zmq_transport not in ("ipc", "tcp"):
+        raise ValueError(f"--zmq-transport must be ipc or tcp, got {config.zmq_transport!r}")
+    if config.lease_timeout_s <= 0 or config.heartbeat_interval_s <= 0:
+        raise ValueError("--lease-timeout-s and --heartbeat-interval-s must be positive")

@@ -1,0 +1,1 @@
+"""The gRPC gateway: serves TaskHubSidecarService and turns requests into partition commands."""

@@ -1,0 +1,22 @@
+"""`python -m runtime.gateway --index N`: one gateway process, started by the supervisor."""
+
+import argparse
+
+from runtime.gateway.server import GatewayServer
+from runtime.logs import setup_logging
+from runtime.processes import config_from_env, die_with_parent, run_loop
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.gateway")
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args()
+    die_with_parent()
+    config = config_from_env()
+    setup_logging(config.log_level, f"gateway-{args.index}")
+    run_loop(GatewayServer(config, args.index).serve)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

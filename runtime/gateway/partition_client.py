@@ -1,0 +1,133 @@
+"""The gateway's side of the router: one DEALER socket per partition, requests matched to replies."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from runtime.config import Config
+from runtime.errors import DurableRuntimeError, PartitionUnavailableError, error_from_wire
+from runtime.hashing import partition_for
+from runtime.router.channel import Message, ZmqChannel
+
+log = logging.getLogger(__name__)
+
+
+class PartitionClient:
+    """Sends commands to the partition owning an instance and awaits the committed answer."""
+
+    def __init__(self, config: Config, on_message: Callable[[int, Message], None]) -> None:
+        self.config = config
+        self.identity = f"g{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self.ctx = zmq.asyncio.Context()
+        self.channels = [
+            ZmqChannel.dealer(self.ctx, config.partition_endpoint(p), self.identity) for p in range(config.partitions)
+        ]
+        self.epochs: list[int | None] = [None] * config.partitions
+        self.last_heard: list[float] = [0.0] * config.partitions
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[int, asyncio.Future[Any], Message]] = {}
+        self._on_message = on_message
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_restart: Callable[[int], None] = lambda partition: None
+
+    def partition_of(self, instance_id: str) -> int:
+        return partition_for(instance_id, self.config.partitions)
+
+    def start(self) -> None:
+        for partition, channel in enumerate(self.channels):
+            self._tasks.append(asyncio.create_task(self._receive(partition, channel)))
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+
+    def send(self, partition: int, message: Message) -> None:
+        self.channels[partition].send(message)
+
+    async def request(self, partition: int, message: Message, timeout_s: float) -> Any:
+        """Send a command and wait for its reply; raises the partition's error, or UNAVAILABLE on timeout."""
+        rid = next(self._ids)
+        message["rid"] = rid
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (partition, future, message)
+        self.channels[partition].send(message)
+        try:
+            return await asyncio.wait_for(future, timeout=max(timeout_s, 0.001))
+        except TimeoutError:
+            raise PartitionUnavailableError(
+                f"partition {partition} did not answer within {timeout_s:.1f}s"
+            ) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    def ready(self) -> bool:
+        """Every partition has answered a heartbeat."""
+        return all(epoch is not None for epoch in self.epochs)
+
+    async def _receive(self, partition: int, channel: ZmqChannel) -> None:
+        while True:
+            for _, message in await channel.recv():
+                self.last_heard[partition] = asyncio.get_running_loop().time()
+                op = message.get("op")
+                if op == "reply":
+                    self._resolve(message)
+                elif op == "hb":
+                    self._note_epoch(partition, int(message["e"]))
+                else:
+                    if "e" in message:
+                        self._note_epoch(partition, int(message["e"]))
+                    self._on_message(partition, message)
+
+    def _resolve(self, message: Message) -> None:
+        entry = self._pending.get(message.get("rid", -1))
+        if entry is None or entry[1].done():
+            return
+        future = entry[1]
+        if "err" in message:
+            code, text = message["err"]
+            future.set_exception(error_from_wire(code, text))
+        else:
+            future.set_result(message.get("ok"))
+
+    def _note_epoch(self, partition: int, epoch: int) -> None:
+        previous = self.epochs[partition]
+        self.epochs[partition] = epoch
+        if previous is not None and previous != epoch:
+            log.warning("partition %d restarted (epoch %d -> %d)", partition, previous, epoch)
+            self._partition_restarted(partition)
+
+    def _partition_restarted(self, partition: int) -> None:
+        """Waits are idempotent and are registered again; other requests may or may not have committed."""
+        for rid, (p, future, message) in list(self._pending.items()):
+            if p != partition or future.done():
+                continue
+            if message.get("op") in ("wait", "get"):
+                self.channels[partition].send(message)
+            else:
+                future.set_exception(
+                    PartitionUnavailableError(f"partition {partition} restarted; the request may not have taken effect")
+                )
+        self.on_restart(partition)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            for channel in self.channels:
+                channel.send({"op": "hb"})
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for channel in self.channels:
+            channel.close()
+        self.ctx.term()
+
+
+def is_retryable(exc: DurableRuntimeError) -> bool:
+    return isinstance(exc, PartitionUnavailableError)

@@ -1,0 +1,264 @@
+"""TaskHubSidecarService: each RPC parses its request, then delegates at once to a snake_case function.
+
+Handlers receive raw bytes (no deserializer), so a malformed request is answered with
+INVALID_ARGUMENT instead of an opaque failure, and work items are passed through as the bytes the
+partition built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, wrappers_pb2
+from google.protobuf.message import DecodeError
+
+from protos import orchestrator_service_pb2 as pb
+from runtime.config import Config
+from runtime.errors import DurableRuntimeError, InvalidArgumentError, UnimplementedError
+from runtime.gateway import translate
+from runtime.gateway.partition_client import PartitionClient
+from runtime.gateway.work_items import WorkDispatcher, WorkerStream
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "TaskHubSidecarService"
+SERVICE = pb.DESCRIPTOR.services_by_name[SERVICE_NAME]
+HEALTH_PING = pb.WorkItem(healthPing=pb.HealthPing()).SerializeToString()
+DEFAULT_WORK_ITEM_LIMIT = 100
+_NO_DEADLINE_WAIT_S = 7 * 24 * 3600.0
+
+STATUS_BY_CODE = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "stale_completion": grpc.StatusCode.FAILED_PRECONDITION,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "internal": grpc.StatusCode.INTERNAL,
+    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def rpc(request_type: type) -> Callable[..., Any]:
+    """Parse the request; map engine errors to gRPC statuses (the one mapping, DESIGN §6)."""
+
+    def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[bytes]]:
+        @functools.wraps(fn)
+        async def handler(self: Servicer, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                request = request_type.FromString(raw)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {exc}")
+            try:
+                response = await fn(self, request, context, raw)
+            except DurableRuntimeError as exc:
+                await context.abort(STATUS_BY_CODE.get(exc.code, grpc.StatusCode.INTERNAL), str(exc))
+            return response.SerializeToString()
+
+        return handler
+
+    return wrap
+
+
+class Servicer:
+    def __init__(self, config: Config, client: PartitionClient, dispatcher: WorkDispatcher) -> None:
+        self.config = config
+        self.client = client
+        self.dispatcher = dispatcher
+        self.draining = asyncio.Event()
+
+    def _timeout(self, context: grpc.aio.ServicerContext, default: float | None = None) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return default if default is not None else self.config.request_timeout_s
+        return max(0.001, remaining)
+
+    async def _call(self, command: dict[str, Any], context: grpc.aio.ServicerContext) -> Any:
+        partition = self.client.partition_of(command["i"])
+        return await self.client.request(partition, command, self._timeout(context))
+
+    # client RPCs
+    @rpc(empty_pb2.Empty)
+    async def Hello(self, request: Any, context: Any, raw: bytes) -> empty_pb2.Empty:
+        return empty_pb2.Empty()
+
+    @rpc(pb.CreateInstanceRequest)
+    async def StartInstance(self, request: Any, context: Any, raw: bytes) -> pb.CreateInstanceResponse:
+        result = await self._call(translate.start_instance(request, self.config), context)
+        return pb.CreateInstanceResponse(instanceId=result["i"])
+
+    @rpc(pb.GetInstanceRequest)
+    async def GetInstance(self, request: Any, context: Any, raw: bytes) -> pb.GetInstanceResponse:
+        translate.check_instance_id(request.instanceId, self.config)
+        command = {"op": "get", "i": request.instanceId, "pl": request.getInputsAndOutputs}
+        return translate.instance_response(await self._call(command, context))
+
+    @rpc(pb.GetInstanceRequest)
+    async def WaitForInstanceStart(self, request: Any, context: Any, raw: bytes) -> pb.GetInstanceResponse:
+        return await self._wait("start", request, context)
+
+    @rpc(pb.GetInstanceRequest)
+    async def WaitForInstanceCompletion(self, request: Any, context: Any, raw: bytes) -> pb.GetInstanceResponse:
+        return await self._wait("done", request, context)
+
+    async def _wait(self, kind: str, request: Any, context: Any) -> pb.GetInstanceResponse:
+        """Push-based: the owning partition answers when the status changes, or the deadline ends the call."""
+        translate.check_instance_id(request.instanceId, self.config)
+        timeout = self._timeout(context, _NO_DEADLINE_WAIT_S)
+        command = {
+            "op": "wait",
+            "i": request.instanceId,
+            "k": kind,
+            "pl": request.getInputsAndOutputs,
+            "dl": int((time.time() + timeout) * 1000),
+        }
+        partition = self.client.partition_of(request.instanceId)
+        try:
+            state = await self.client.request(partition, command, timeout)
+        except DurableRuntimeError:
+            if context.time_remaining() is not None and context.time_remaining() <= 0.05:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting")
+            raise
+        return translate.instance_response(state)
+
+    @rpc(pb.RaiseEventRequest)
+    async def RaiseEvent(self, request: Any, context: Any, raw: bytes) -> pb.RaiseEventResponse:
+        await self._call(translate.raise_event(request, self.config), context)
+        return pb.RaiseEventResponse()
+
+    @rpc(pb.TerminateRequest)
+    async def TerminateInstance(self, request: Any, context: Any, raw: bytes) -> pb.TerminateResponse:
+        await self._call(translate.terminate(request, self.config), context)
+        return pb.TerminateResponse()
+
+    @rpc(pb.SuspendRequest)
+    async def SuspendInstance(self, request: Any, context: Any, raw: bytes) -> pb.SuspendResponse:
+        await self._call(translate.suspend_or_resume("suspend", request, self.config), context)
+        return pb.SuspendResponse()
+
+    @rpc(pb.ResumeRequest)
+    async def ResumeInstance(self, request: Any, context: Any, raw: bytes) -> pb.ResumeResponse:
+        await self._call(translate.suspend_or_resume("resume", request, self.config), context)
+        return pb.ResumeResponse()
+
+    @rpc(pb.PurgeInstancesRequest)
+    async def PurgeInstances(self, request: Any, context: Any, raw: bytes) -> pb.PurgeInstancesResponse:
+        if request.HasField("purgeInstanceFilter") or request.HasField("instanceBatch"):
+            raise UnimplementedError("PurgeInstances with a filter or an instance batch is not implemented yet")
+        translate.check_instance_id(request.instanceId, self.config)
+        result = await self._call({"op": "purge", "i": request.instanceId, "r": request.recursive}, context)
+        return pb.PurgeInstancesResponse(deletedInstanceCount=result["deleted"], isComplete=wrappers_pb2.BoolValue(value=True))
+
+    # worker RPCs
+    async def GetWorkItems(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            request = pb.GetWorkItemsRequest.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed GetWorkItemsRequest: {exc}")
+        if self.draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this node is shutting down")
+        stream = WorkerStream(
+            limits={
+                "o": request.maxConcurrentOrchestrationWorkItems or DEFAULT_WORK_ITEM_LIMIT,
+                "a": request.maxConcurrentActivityWorkItems or DEFAULT_WORK_ITEM_LIMIT,
+            }
+        )
+        self.dispatcher.add_stream(stream)
+        try:
+            async for item in self._stream_items(stream):
+                yield item
+        finally:
+            self.dispatcher.remove_stream(stream)
+
+    async def _stream_items(self, stream: WorkerStream) -> AsyncIterator[bytes]:
+        """Work items as they arrive, a healthPing after each silent interval, and an OK end on drain."""
+        queue = stream.queue
+        drained = asyncio.ensure_future(self.draining.wait())
+        getter: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                if not queue.empty():
+                    yield queue.get_nowait()
+                    continue
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, drained}, timeout=self.config.health_ping_interval_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    item = getter.result()
+                    getter = None
+                    yield item
+                    continue
+                if drained in done:
+                    return  # an OK end: the SDK reconnects at once, to another node if it can
+                yield HEALTH_PING
+        finally:
+            drained.cancel()
+            if getter is not None:
+                getter.cancel()
+
+    @rpc(pb.OrchestratorResponse)
+    async def CompleteOrchestratorTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
+        command = translate.complete_orchestration(request, raw, self.config)
+        self.dispatcher.completed(request.completionToken)
+        await self._call(command, context)
+        return pb.CompleteTaskResponse()
+
+    @rpc(pb.ActivityResponse)
+    async def CompleteActivityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
+        command = translate.complete_activity(request, self.config)
+        self.dispatcher.completed(request.completionToken)
+        await self._call(command, context)
+        return pb.CompleteTaskResponse()
+
+    @rpc(pb.AbandonOrchestrationTaskRequest)
+    async def AbandonTaskOrchestratorWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:
+        await self._abandon(request.completionToken, context)
+        return pb.AbandonOrchestrationTaskResponse()
+
+    @rpc(pb.AbandonActivityTaskRequest)
+    async def AbandonTaskActivityWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:
+        await self._abandon(request.completionToken, context)
+        return pb.AbandonActivityTaskResponse()
+
+    async def _abandon(self, token: str, context: Any) -> None:
+        partition = _partition_of_token(token, self.config.partitions)
+        self.dispatcher.completed(token)
+        await self.client.request(partition, {"op": "abandon", "tok": token}, self._timeout(context))
+
+
+def _partition_of_token(token: str, partitions: int) -> int:
+    try:
+        partition = int(token.split(".", 1)[0])
+    except ValueError:
+        partition = -1
+    if not 0 <= partition < partitions:
+        raise InvalidArgumentError(f"completion token '{token}' was not issued by this task hub")
+    return partition
+
+
+def _unimplemented(name: str) -> Callable[..., Awaitable[bytes]]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{SERVICE_NAME}/{name} is not implemented by durable-runtime yet")
+        return b""
+
+    return handler
+
+
+def generic_handler(servicer: Servicer) -> grpc.GenericRpcHandler:
+    """Method handlers for every RPC in the service, with raw bytes in and out."""
+    handlers = {}
+    for method in SERVICE.methods:
+        fn = getattr(servicer, method.name, None) or _unimplemented(method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(fn)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(fn)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

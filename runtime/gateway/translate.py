@@ -1,0 +1,134 @@
+"""The one place where request protos become partition commands, and stored state becomes protos."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from google.protobuf import timestamp_pb2, wrappers_pb2
+
+from protos import orchestrator_service_pb2 as pb
+from runtime.config import Config
+from runtime.errors import InvalidArgumentError
+
+Command = dict[str, Any]
+
+
+def _ms(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def _ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
+    if not ms:
+        return None
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def _sv(value: str | None) -> wrappers_pb2.StringValue | None:
+    return None if value is None else wrappers_pb2.StringValue(value=value)
+
+
+def _opt(message: Any, name: str) -> str | None:
+    return getattr(message, name).value if message.HasField(name) else None
+
+
+def check_instance_id(instance_id: str, config: Config, what: str = "instance id") -> str:
+    """Instance ids are non-empty, bounded, and free of control characters (NUL separates store keys)."""
+    if not instance_id:
+        raise InvalidArgumentError(f"{what} must not be empty")
+    if len(instance_id) > config.max_instance_id_length:
+        raise InvalidArgumentError(
+            f"{what} is {len(instance_id)} characters; the limit is {config.max_instance_id_length}"
+        )
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance_id):
+        raise InvalidArgumentError(f"{what} must not contain control characters")
+    return instance_id
+
+
+def start_instance(request: pb.CreateInstanceRequest, config: Config) -> Command:
+    instance_id = request.instanceId or uuid.uuid4().hex
+    check_instance_id(instance_id, config)
+    if not request.name:
+        raise InvalidArgumentError("orchestration name must not be empty")
+    command: Command = {
+        "op": "start",
+        "i": instance_id,
+        "n": request.name,
+        "v": _opt(request, "version"),
+        "in": _opt(request, "input"),
+        "ss": _ms(request.scheduledStartTimestamp) if request.HasField("scheduledStartTimestamp") else 0,
+        "tg": dict(request.tags),
+        "reuse": list(request.orchestrationIdReusePolicy.replaceableStatus),
+        "x": _opt(request, "executionId") or uuid.uuid4().hex,
+    }
+    if request.HasField("parentTraceContext"):
+        command["tc"] = request.parentTraceContext.SerializeToString()
+    return command
+
+
+def raise_event(request: pb.RaiseEventRequest, config: Config) -> Command:
+    check_instance_id(request.instanceId, config)
+    if not request.name:
+        raise InvalidArgumentError("event name must not be empty")
+    return {"op": "raise", "i": request.instanceId, "n": request.name, "in": _opt(request, "input")}
+
+
+def terminate(request: pb.TerminateRequest, config: Config) -> Command:
+    check_instance_id(request.instanceId, config)
+    return {"op": "terminate", "i": request.instanceId, "out": _opt(request, "output"), "r": request.recursive}
+
+
+def suspend_or_resume(op: str, request: pb.SuspendRequest | pb.ResumeRequest, config: Config) -> Command:
+    check_instance_id(request.instanceId, config)
+    return {"op": op, "i": request.instanceId, "reason": _opt(request, "reason")}
+
+
+def complete_orchestration(request: pb.OrchestratorResponse, raw: bytes, config: Config) -> Command:
+    check_instance_id(request.instanceId, config)
+    if not request.completionToken:
+        raise InvalidArgumentError("completionToken must not be empty")
+    return {"op": "complete_orch", "i": request.instanceId, "tok": request.completionToken, "resp": raw}
+
+
+def complete_activity(request: pb.ActivityResponse, config: Config) -> Command:
+    check_instance_id(request.instanceId, config)
+    if not request.completionToken:
+        raise InvalidArgumentError("completionToken must not be empty")
+    failed = request.HasField("failureDetails")
+    return {
+        "op": "complete_act",
+        "i": request.instanceId,
+        "t": request.taskId,
+        "tok": request.completionToken,
+        "out": _opt(request, "result"),
+        "fd": request.failureDetails.SerializeToString() if failed else None,
+    }
+
+
+def orchestration_state(state: dict[str, Any]) -> pb.OrchestrationState:
+    """Build the SDK's OrchestrationState from a partition's instance state."""
+    message = pb.OrchestrationState(
+        instanceId=state["i"],
+        name=state["n"],
+        version=_sv(state.get("v")),
+        orchestrationStatus=state["s"],
+        scheduledStartTimestamp=_ts(state.get("hu")),
+        createdTimestamp=_ts(state.get("c")),
+        lastUpdatedTimestamp=_ts(state.get("u")),
+        input=_sv(state.get("in")),
+        output=_sv(state.get("out")),
+        customStatus=_sv(state.get("cs")),
+        executionId=_sv(state.get("x")),
+        completedTimestamp=_ts(state.get("d")),
+        parentInstanceId=_sv(state.get("pi")),
+        tags=state.get("tg") or {},
+    )
+    if state.get("fd"):
+        message.failureDetails.ParseFromString(state["fd"])
+    return message
+
+
+def instance_response(state: dict[str, Any] | None) -> pb.GetInstanceResponse:
+    if state is None:
+        return pb.GetInstanceResponse(exists=False)
+    return pb.GetInstanceResponse(exists=True, orchestrationState=orchestration_state(state))

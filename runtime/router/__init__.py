@@ -1,0 +1,1 @@
+"""The message fabric: msgpack envelopes over ZeroMQ between gateways and partitions."""

@@ -1,0 +1,1 @@
+"""End-to-end tests: the official durabletask SDK against a running runtime."""

@@ -1,0 +1,139 @@
+"""Small helpers shared by the end-to-end tests (no fixtures here; see conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from durabletask import worker as dt_worker
+from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+from google.protobuf import empty_pb2
+
+T = TypeVar("T")
+
+#: Which backend the suite drives: "engine" (our runtime, the default) or "inmemory" (the SDK's test backend).
+BACKEND = os.environ.get("DURABLE_E2E_BACKEND", "engine").strip().lower() or "engine"
+INMEMORY = BACKEND == "inmemory"
+
+#: Partition count the shared runtime is started with (ids are picked against this number).
+PARTITIONS = int(os.environ.get("DURABLE_E2E_PARTITIONS", "3"))
+
+#: Default deadline for every wait in the suite, in seconds.
+DEADLINE_S = float(os.environ.get("DURABLE_E2E_DEADLINE_S", "30"))
+
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+
+def fnv1a_32(data: bytes) -> int:
+    """FNV-1a 32 bit, the engine's placement hash (re-implemented so the tests do not trust the engine)."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def partition_of(instance_id: str, partitions: int = PARTITIONS) -> int:
+    return fnv1a_32(instance_id.encode("utf-8")) % partitions
+
+
+def new_id(prefix: str = "e2e") -> str:
+    """A unique instance id for one test."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def id_on_partition(prefix: str, partition: int, partitions: int = PARTITIONS) -> str:
+    """A fresh unique id that hashes to `partition`."""
+    for _ in range(10_000):
+        candidate = new_id(prefix)
+        if partition_of(candidate, partitions) == partition:
+            return candidate
+    raise AssertionError(f"no id found for partition {partition}/{partitions}")
+
+
+def id_not_on_partition(prefix: str, partition: int, partitions: int = PARTITIONS) -> str:
+    """A fresh unique id that does NOT hash to `partition`."""
+    assert partitions > 1, "cross-partition ids need at least 2 partitions"
+    for _ in range(10_000):
+        candidate = new_id(prefix)
+        if partition_of(candidate, partitions) != partition:
+            return candidate
+    raise AssertionError(f"no id found off partition {partition}/{partitions}")
+
+
+def ids_on_different_partitions(prefix_a: str, prefix_b: str, partitions: int = PARTITIONS) -> tuple[str, str]:
+    """Two fresh ids (e.g. parent and child) owned by different partitions."""
+    a = new_id(prefix_a)
+    b = id_not_on_partition(prefix_b, partition_of(a, partitions), partitions)
+    return a, b
+
+
+def parent_id_with_remote_default_child(prefix: str, task_id: int = 1, partitions: int = PARTITIONS) -> str:
+    """A parent id whose SDK-default child id (f"{parent}:{task_id:04x}") hashes to another partition."""
+    for _ in range(10_000):
+        parent = new_id(prefix)
+        if partition_of(parent, partitions) != partition_of(f"{parent}:{task_id:04x}", partitions):
+            return parent
+    raise AssertionError("no parent id found whose default child lives on another partition")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = DEADLINE_S,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "condition",
+) -> T:
+    """Poll `predicate` until it returns a truthy value (which is returned) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {text} (last value: {last!r})")
+        time.sleep(interval)
+
+
+def hello_ok(address: str, timeout: float = 1.0) -> bool:
+    """True when a gRPC Hello round-trips to `address` within `timeout`."""
+    channel = grpc.insecure_channel(address)
+    try:
+        stubs.TaskHubSidecarServiceStub(channel).Hello(empty_pb2.Empty(), timeout=timeout)
+        return True
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
+
+
+def new_worker(address: str, orchestrators: Iterable[Callable[..., Any]] = (),
+               activities: Iterable[Callable[..., Any]] = (), thread_pool: int = 32) -> dt_worker.TaskHubGrpcWorker:
+    """A started SDK worker with the given functions registered (registered under their __name__)."""
+    w = dt_worker.TaskHubGrpcWorker(
+        host_address=address,
+        concurrency_options=dt_worker.ConcurrencyOptions(maximum_thread_pool_workers=thread_pool),
+    )
+    for fn in orchestrators:
+        w.add_orchestrator(fn)
+    for fn in activities:
+        w.add_activity(fn)
+    w.start()
+    return w
+
+
+@contextlib.contextmanager
+def running_worker(address: str, orchestrators: Iterable[Callable[..., Any]] = (),
+                   activities: Iterable[Callable[..., Any]] = (), **kwargs: Any
+                   ) -> Iterator[dt_worker.TaskHubGrpcWorker]:
+    w = new_worker(address, orchestrators, activities, **kwargs)
+    try:
+        yield w
+    finally:
+        w.stop()
