@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from partitions import dispatch
 from partitions.outbox import Outbox
@@ -81,8 +80,8 @@ class PartitionProcess:
         self.config = config
         self.partition = partition
         self.store, self.state = open_store(config, partition)
-        self.ctx = zmq.asyncio.Context()
-        self.channel = ZmqChannel.router(self.ctx, config.partition_endpoint(partition))
+        self.ctx = zmq.Context()
+        self.channel: ZmqChannel = None  # type: ignore[assignment]  # bound in serve(), on the loop
         self.outbox = Outbox(self, config)
         self.gateways: dict[bytes, Gateway] = {}
         self.pending: list[tuple[bytes | None, Message]] = []
@@ -97,6 +96,7 @@ class PartitionProcess:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
+        self.channel = ZmqChannel.router(self.ctx, self.config.partition_endpoint(self.partition))
         self.refresh_timer()
         self.outbox.start()
         tasks = [asyncio.create_task(self.receive()), asyncio.create_task(self.tick())]

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from runtime.config import Config
 from runtime.errors import DurableRuntimeError, PartitionUnavailableError, error_from_wire
@@ -27,7 +26,7 @@ class PartitionClient:
     def __init__(self, config: Config, on_message: Callable[[int, Message], None]) -> None:
         self.config = config
         self.identity = f"g{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.channels = [
             ZmqChannel.dealer(self.ctx, config.partition_endpoint(p), self.identity) for p in range(config.partitions)
         ]

@@ -8,7 +8,6 @@ from typing import Any, Protocol
 
 import msgpack
 import zmq
-import zmq.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +40,25 @@ def decode(frame: bytes) -> list[Message]:
 
 
 class ZmqChannel:
-    """One ZeroMQ socket. ROUTER sockets address peers by identity; DEALER sockets have one peer."""
+    """One ZeroMQ socket. ROUTER sockets address peers by identity; DEALER sockets have one peer.
 
-    def __init__(self, sock: zmq.asyncio.Socket) -> None:
-        self._async = sock
-        self._sync = zmq.Socket.shadow(sock.underlying)
+    ZeroMQ signals readiness through an edge-triggered file descriptor, and any send can consume
+    the edge. So the reader callback and every flush re-read ZMQ_EVENTS, and a receiver waiting
+    for messages is woken whenever POLLIN is set.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
         self._is_router = sock.socket_type == zmq.ROUTER
         self._pending: dict[bytes | None, list[Message]] = {}
         self._flush_scheduled = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._check_readable)
 
     @classmethod
-    def router(cls, ctx: zmq.asyncio.Context, endpoint: str) -> ZmqChannel:
+    def router(cls, ctx: zmq.Context, endpoint: str) -> ZmqChannel:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reuses its identity
         sock.setsockopt(zmq.SNDHWM, _HWM)
@@ -61,7 +68,7 @@ class ZmqChannel:
         return cls(sock)
 
     @classmethod
-    def dealer(cls, ctx: zmq.asyncio.Context, endpoint: str, identity: bytes) -> ZmqChannel:
+    def dealer(cls, ctx: zmq.Context, endpoint: str, identity: bytes) -> ZmqChannel:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.SNDHWM, _HWM)
@@ -76,7 +83,7 @@ class ZmqChannel:
         self._pending.setdefault(to, []).append(msg)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Send every queued batch now. Called at the end of the loop turn that queued them."""
@@ -85,18 +92,38 @@ class ZmqChannel:
         for to, batch in pending.items():
             frames = [to, encode(batch)] if self._is_router else [encode(batch)]
             try:
-                self._sync.send_multipart(frames, flags=zmq.NOBLOCK)
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("dropped a batch of %d messages: peer queue full", len(batch))
             except zmq.ZMQError as exc:
                 log.warning("dropped a batch of %d messages: %s", len(batch), exc)
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        try:
+            readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        except zmq.ZMQError:
+            return
+        if readable and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def recv(self) -> list[tuple[bytes | None, Message]]:
+        while True:
+            out = self._drain()
+            if out:
+                return out
+            self._waiter = self._loop.create_future()
+            self._check_readable()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _drain(self) -> list[tuple[bytes | None, Message]]:
         out: list[tuple[bytes | None, Message]] = []
-        self._decode_into(out, await self._async.recv_multipart(copy=True))
         for _ in range(_MAX_DRAIN):
             try:
-                frames = self._sync.recv_multipart(flags=zmq.NOBLOCK)
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
             self._decode_into(out, frames)
@@ -113,4 +140,5 @@ class ZmqChannel:
 
     def close(self) -> None:
         self.flush()
-        self._async.close(linger=0)
+        self._loop.remove_reader(self._fd)
+        self._sock.close(linger=0)
