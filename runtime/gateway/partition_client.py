@@ -103,7 +103,7 @@ class PartitionClient:
 
     def _partition_restarted(self, partition: int) -> None:
         """Waits are idempotent and are registered again; other requests may or may not have committed."""
-        for rid, (p, future, message) in list(self._pending.items()):
+        for p, future, message in list(self._pending.values()):
             if p != partition or future.done():
                 continue
             if message.get("op") in ("wait", "get"):
