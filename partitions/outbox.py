@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from partitions.store.lmdb_store import StoreTxn
 from runtime.config import Config
 from runtime.router.channel import ZmqChannel
 
@@ -41,9 +42,9 @@ class Outbox:
                 base = first[0][0] - 1 if first else 0
                 self.sent[destination] = self.acked[destination] = base
                 self.dirty.add(destination)
+            self.flush_new(txn)
         finally:
             txn.abort()
-        self.flush_new()
 
     def peer(self, destination: int) -> ZmqChannel:
         channel = self.peers.get(destination)
@@ -58,27 +59,23 @@ class Outbox:
     def wake(self, destination: int) -> None:
         self.dirty.add(destination)
 
-    def flush_new(self) -> None:
+    def flush_new(self, txn: StoreTxn) -> None:
         """Send rows written since the last send, for every destination that has some."""
         if not self.dirty:
             return
         dirty, self.dirty = self.dirty, set()
-        txn = self.process.store.begin()
-        try:
-            for destination in dirty:
-                after = self.sent.get(destination, 0)
-                rows = txn.outbox_from(destination, after, _MAX_ROWS_PER_FRAME)
-                if not rows:
-                    continue
-                self.sent[destination] = rows[-1][0]
-                self.progress_ms.setdefault(destination, _now_ms())
-                self.peer(destination).send(
-                    {"op": "deliver", "from": self.process.partition, "msgs": [[seq, body] for seq, body in rows]}
-                )
-                if len(rows) == _MAX_ROWS_PER_FRAME:
-                    self.dirty.add(destination)
-        finally:
-            txn.abort()
+        for destination in dirty:
+            after = self.sent.get(destination, 0)
+            rows = txn.outbox_from(destination, after, _MAX_ROWS_PER_FRAME)
+            if not rows:
+                continue
+            self.sent[destination] = rows[-1][0]
+            self.progress_ms.setdefault(destination, _now_ms())
+            self.peer(destination).send(
+                {"op": "deliver", "from": self.process.partition, "msgs": [[seq, body] for seq, body in rows]}
+            )
+            if len(rows) == _MAX_ROWS_PER_FRAME:
+                self.dirty.add(destination)
 
     def acked(self, destination: int, seq: int, commands: list[dict[str, Any]]) -> None:
         if seq > self.acked.get(destination, 0):
@@ -97,7 +94,6 @@ class Outbox:
                 self.sent[destination] = acked
                 self.progress_ms[destination] = now_ms
                 self.dirty.add(destination)
-        self.flush_new()
 
     def send_ack(self, sender: int, seq: int) -> None:
         self.peer(sender).send({"op": "ack", "from": self.process.partition, "seq": seq})

@@ -21,7 +21,7 @@ from partitions.state_machine import apply
 from partitions.state_machine.queries import condition_met, instance_state
 from partitions.state_machine.state import CoreState
 from partitions.store import keys
-from partitions.store.lmdb_store import LmdbStore
+from partitions.store.lmdb_store import LmdbStore, StoreTxn
 from runtime.config import Config
 from runtime.errors import DurableRuntimeError
 from runtime.router.channel import Message, ZmqChannel
@@ -72,6 +72,7 @@ class Gateway:
         self.identity = identity
         self.last_seen_ms = now
         self.credits = {"o": 0, "a": 0}
+        self.keep = {"o": 0, "a": 0}  # standing credits the gateway lets us hold; the rest goes back
         self.reported: dict[str, int] | None = None
 
 
@@ -88,6 +89,9 @@ class PartitionProcess:
         self.wake = asyncio.Event()
         self.stopping = False
         self.next_timer_ms: int | None = None
+        self.armed_timer_ms: int | None = None
+        self.timers_fired = False
+        self.work_changed = True  # dispatch and report demand after this batch
         self.lease_ms = int(config.lease_timeout_s * 1000)
         self.crash_requested = False
 
@@ -97,7 +101,12 @@ class PartitionProcess:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         self.channel = ZmqChannel.router(self.ctx, self.config.partition_endpoint(self.partition))
-        self.refresh_timer()
+        txn = self.store.begin()
+        try:
+            self.next_timer_ms = txn.next_timer_ms()
+        finally:
+            txn.abort()
+        self.arm_timer()
         self.outbox.start()
         tasks = [asyncio.create_task(self.receive()), asyncio.create_task(self.tick())]
         log.info("partition %d serving (epoch %d) at %s", self.partition, self.state.epoch,
@@ -137,15 +146,13 @@ class PartitionProcess:
             self.pending.append((None, {"op": "_tick"}))
             self.wake.set()
 
-    def refresh_timer(self) -> None:
-        txn = self.store.begin()
-        try:
-            self.next_timer_ms = txn.next_timer_ms()
-        finally:
-            txn.abort()
-        if self.next_timer_ms is not None:
-            delay = max(0.0, self.next_timer_ms / 1000 - time.time())
-            asyncio.get_running_loop().call_later(delay + 0.001, self.wake.set)
+    def arm_timer(self) -> None:
+        """Wake the loop when the earliest durable timer is due."""
+        if self.next_timer_ms is None or self.next_timer_ms == self.armed_timer_ms:
+            return
+        self.armed_timer_ms = self.next_timer_ms
+        delay = max(0.0, self.next_timer_ms / 1000 - time.time())
+        asyncio.get_running_loop().call_later(delay + 0.001, self.wake.set)
 
     # one batch
     def process(self, batch: list[tuple[bytes | None, Message]]) -> None:
@@ -155,10 +162,21 @@ class PartitionProcess:
             self.classify(sender, message, now, commands)
         if self.next_timer_ms is not None and self.next_timer_ms <= now:
             commands.append({"op": "fire_timers", "limit": 5000})
+            self.timers_fired = True
         actions = self.apply_batch(commands, now) if commands else []
-        self.perform(actions, now)
-        self.dispatch_work(now)
-        self.report_demand()
+        txn = self.store.begin()
+        try:
+            self.perform(txn, actions)
+            if self.work_changed:
+                self.work_changed = False
+                self.dispatch_work(txn, now)
+                self.report_demand(txn)
+            if self.timers_fired:
+                self.timers_fired = False
+                self.next_timer_ms = txn.next_timer_ms()
+        finally:
+            txn.abort()
+        self.arm_timer()
 
     def classify(self, sender: bytes | None, message: Message, now: int, commands: list[dict[str, Any]]) -> None:
         op = message.get("op")
@@ -173,6 +191,8 @@ class PartitionProcess:
             gateway = self.gateways.get(sender)  # type: ignore[arg-type]
             if gateway is not None and message.get("k") in gateway.credits:
                 gateway.credits[message["k"]] += int(message.get("n", 0))
+                gateway.keep[message["k"]] = int(message.get("keep", 0))
+                self.work_changed = True
         elif op == "ack":
             self.outbox.acked(int(message["from"]), int(message["seq"]), commands)
         elif op == "_tick":
@@ -191,6 +211,7 @@ class PartitionProcess:
         self.channel.send({"op": "hb", "p": self.partition, "e": self.state.epoch}, to=sender)
         gateway = self.gateways[sender]
         gateway.reported = None  # re-announce demand after a (re)connect
+        self.work_changed = True
 
     def housekeeping(self, now: int, commands: list[dict[str, Any]]) -> None:
         silent_ms = int(self.config.gateway_timeout_s * 1000)
@@ -242,7 +263,7 @@ class PartitionProcess:
             self.channel.send({"op": "reply", "rid": command["rid"], "err": [code, message]}, to=command["_from"])
 
     # after commit
-    def perform(self, actions: list[Any], now: int) -> None:
+    def perform(self, txn: StoreTxn, actions: list[Any]) -> None:
         changed: set[str] = set()
         for action in actions:
             if isinstance(action, act.Reply):
@@ -253,61 +274,55 @@ class PartitionProcess:
                 self.outbox.send_ack(action.sender, action.seq)
             elif isinstance(action, act.StatusChanged):
                 changed.add(action.instance_id)
+            elif isinstance(action, act.WorkAvailable):
+                self.work_changed = True
+            elif isinstance(action, act.TimerScheduled):
+                if self.next_timer_ms is None or action.fire_ms < self.next_timer_ms:
+                    self.next_timer_ms = action.fire_ms
         if changed:
-            self.wake_waiters(changed)
-        self.outbox.flush_new()
-        self.refresh_timer()
+            self.wake_waiters(txn, changed)
+        self.outbox.flush_new(txn)
 
-    def wake_waiters(self, instance_ids: set[str]) -> None:
-        txn = self.store.begin()
-        try:
-            for instance_id in instance_ids:
-                waiters = self.state.waiters.get(instance_id)
-                if not waiters:
-                    continue
-                record = txn.get_instance(instance_id)
-                keep = []
-                for waiter in waiters:
-                    if record is None or condition_met(waiter.kind, record["s"]):
-                        state = None if record is None else instance_state(instance_id, record, waiter.with_payloads)
-                        self.channel.send({"op": "reply", "rid": waiter.request_id, "ok": state}, to=waiter.sender)
-                    else:
-                        keep.append(waiter)
-                if keep:
-                    self.state.waiters[instance_id] = keep
+    def wake_waiters(self, txn: StoreTxn, instance_ids: set[str]) -> None:
+        for instance_id in instance_ids:
+            waiters = self.state.waiters.get(instance_id)
+            if not waiters:
+                continue
+            record = txn.get_instance(instance_id)
+            keep = []
+            for waiter in waiters:
+                if record is None or condition_met(waiter.kind, record["s"]):
+                    state = None if record is None else instance_state(instance_id, record, waiter.with_payloads)
+                    self.channel.send({"op": "reply", "rid": waiter.request_id, "ok": state}, to=waiter.sender)
                 else:
-                    del self.state.waiters[instance_id]
-        finally:
-            txn.abort()
+                    keep.append(waiter)
+            if keep:
+                self.state.waiters[instance_id] = keep
+            else:
+                del self.state.waiters[instance_id]
 
-    def dispatch_work(self, now: int) -> None:
-        """Spend the credits gateways granted; return what could not be spent."""
-        granted = [(g, kind) for g in self.gateways.values() for kind, n in g.credits.items() if n > 0]
-        if not granted:
-            return
-        txn = self.store.begin()
-        try:
-            for gateway, kind in granted:
-                credit = gateway.credits[kind]
+    def dispatch_work(self, txn: StoreTxn, now: int) -> None:
+        """Spend the credits gateways granted; hand back whatever exceeds their standing level."""
+        for gateway in self.gateways.values():
+            for kind, credit in gateway.credits.items():
+                if credit <= 0:
+                    continue
                 fn = dispatch.dispatch_orchestrations if kind == "o" else dispatch.dispatch_activities
                 items = fn(txn, self.state, gateway.identity, credit, now, self.lease_ms)
                 for token, item in items:
                     self.channel.send({"op": "wi", "k": kind, "tok": token, "wi": item}, to=gateway.identity)
-                unused = credit - len(items)
-                gateway.credits[kind] = 0
-                if unused:
-                    self.channel.send({"op": "ret", "k": kind, "n": unused, "p": self.partition}, to=gateway.identity)
-        finally:
-            txn.abort()
+                credit -= len(items)
+                excess = credit - gateway.keep[kind]
+                if excess > 0:
+                    credit -= excess
+                    self.channel.send({"op": "ret", "k": kind, "n": excess, "p": self.partition}, to=gateway.identity)
+                gateway.credits[kind] = credit
 
-    def report_demand(self) -> None:
+    def report_demand(self, txn: StoreTxn) -> None:
+        """Tell gateways how much ready work we could not dispatch for lack of credits."""
         if not self.gateways:
             return
-        txn = self.store.begin()
-        try:
-            current = dispatch.demand(txn, self.state)
-        finally:
-            txn.abort()
+        current = dispatch.demand(txn, self.state)
         for gateway in self.gateways.values():
             if gateway.reported != current:
                 gateway.reported = dict(current)

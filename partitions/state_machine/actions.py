@@ -41,3 +41,10 @@ class StatusChanged:
 @dataclass(frozen=True)
 class WorkAvailable:
     """Ready orchestrations or activities were added; report demand to the gateways."""
+
+
+@dataclass(frozen=True)
+class TimerScheduled:
+    """A durable timer row was written; the partition's loop timer may need to fire earlier."""
+
+    fire_ms: int

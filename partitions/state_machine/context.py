@@ -77,6 +77,14 @@ class Ctx:
         record["rq"] = seq
         self.actions.append(act.WorkAvailable())
 
+    def queue_activity(self, activity: dict[str, Any]) -> None:
+        self.txn.put_activity(self.state.next_seq(), activity)
+        self.actions.append(act.WorkAvailable())
+
+    def schedule_timer(self, fire_ms: int, instance_id: str, timer_id: int, execution_id: str) -> None:
+        self.txn.put_timer(fire_ms, instance_id, timer_id, {"x": execution_id})
+        self.actions.append(act.TimerScheduled(fire_ms))
+
     def unqueue(self, record: Record) -> None:
         if record.get("rq"):
             self.txn.delete_orch_ready(record["rq"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from partitions.state_machine import actions as act
 from partitions.state_machine.context import Ctx
 from partitions.state_machine.state import Lease
 from runtime.errors import StaleCompletionError
@@ -28,8 +27,7 @@ def requeue(ctx: Ctx, lease: Lease) -> None:
     activity = ctx.txn.get_activity(seq)
     if activity is not None:
         ctx.txn.delete_activity(seq)
-        ctx.txn.put_activity(ctx.state.next_seq(), activity)
-        ctx.actions.append(act.WorkAvailable())
+        ctx.queue_activity(activity)
 
 
 def apply_abandon(ctx: Ctx, cmd: dict[str, Any]) -> None:

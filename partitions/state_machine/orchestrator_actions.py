@@ -68,7 +68,7 @@ def _apply_create_sub_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestra
 def _apply_create_timer(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
     fire_at = action.createTimer.fireAt
     out.confirm(ctx, action.id, timerCreated=pb.TimerCreatedEvent(fireAt=fire_at))
-    ctx.txn.put_timer(ev.timestamp_ms(fire_at), out.instance_id, action.id, {"x": out.record["x"]})
+    ctx.schedule_timer(ev.timestamp_ms(fire_at), out.instance_id, action.id, out.record["x"])
 
 
 def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
@@ -95,7 +95,7 @@ def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) 
     }
     if task.HasField("parentTraceContext"):
         activity["tc"] = task.parentTraceContext.SerializeToString()
-    ctx.txn.put_activity(ctx.state.next_seq(), activity)
+    ctx.queue_activity(activity)
 
 
 def _apply_send_event(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:

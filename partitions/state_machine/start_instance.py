@@ -73,6 +73,6 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
         record["tc"] = cmd["tc"]
     ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
     if record["hu"]:
-        ctx.txn.put_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, {"x": record["x"]})
+        ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, record["x"])
     ctx.save(instance_id, record)
     return record

@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 
 from runtime.config import Config
-from runtime.errors import DurableRuntimeError, PartitionUnavailableError, error_from_wire
+from runtime.errors import PartitionUnavailableError, error_from_wire
 from runtime.hashing import partition_for
 from runtime.router.channel import Message, ZmqChannel
 
@@ -53,16 +53,15 @@ class PartitionClient:
         """Send a command and wait for its reply; raises the partition's error, or UNAVAILABLE on timeout."""
         rid = next(self._ids)
         message["rid"] = rid
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = (partition, future, message)
         self.channels[partition].send(message)
+        timer = loop.call_later(max(timeout_s, 0.001), _expire, future, partition, timeout_s)
         try:
-            return await asyncio.wait_for(future, timeout=max(timeout_s, 0.001))
-        except TimeoutError:
-            raise PartitionUnavailableError(
-                f"partition {partition} did not answer within {timeout_s:.1f}s"
-            ) from None
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
 
     def ready(self) -> bool:
@@ -128,5 +127,8 @@ class PartitionClient:
         self.ctx.term()
 
 
-def is_retryable(exc: DurableRuntimeError) -> bool:
-    return isinstance(exc, PartitionUnavailableError)
+def _expire(future: asyncio.Future[Any], partition: int, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(
+            PartitionUnavailableError(f"partition {partition} did not answer within {timeout_s:.1f}s")
+        )

@@ -1,8 +1,12 @@
 """Work-item flow control at the gateway: worker streams, their limits, and credits to partitions.
 
-Partitions report how much ready work they hold (demand). The gateway grants credits only up to the
-free capacity of its connected streams, so work waits in LMDB rather than in memory, and no stream
-gets more than its maxConcurrent* allows. A partition returns credits it cannot spend.
+The gateway never grants more credits than its connected streams have free slots, so work waits in
+LMDB rather than in memory, and no stream gets more than its maxConcurrent* allows.
+
+- Standing credits: each partition may hold a small share (`keep`) of the free capacity, so new work
+  is dispatched straight after its commit, without a round trip to ask for credit.
+- Demand: a partition that has more ready work than credits says how much; the gateway grants more
+  from the capacity nobody holds. Credits above `keep` that a partition cannot spend come back.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ class WorkDispatcher:
         self.streams: list[WorkerStream] = []
         self.outstanding = [dict.fromkeys(KINDS, 0) for _ in range(count)]
         self.demand = [dict.fromkeys(KINDS, 0) for _ in range(count)]
+        self.keep = dict.fromkeys(KINDS, 0)
         self.owner: dict[str, tuple[WorkerStream, str, int]] = {}
         self._rotation = 0
-        self.accepting = True
+        self.accepting = True  # False while draining: no new credits, standing credits are withdrawn
 
     # streams
     def add_stream(self, stream: WorkerStream) -> None:
@@ -77,7 +82,6 @@ class WorkDispatcher:
         elif op == "ret":
             count = int(message.get("n", 0))
             self.outstanding[partition][kind] = max(0, self.outstanding[partition][kind] - count)
-            self.demand[partition][kind] = self.outstanding[partition][kind]  # nothing more to give until re-reported
             self.grant()
         elif op == "demand":
             for k in KINDS:
@@ -98,24 +102,33 @@ class WorkDispatcher:
         best.queue.put_nowait(item)
 
     def grant(self) -> None:
-        """Give credits to partitions with unmet demand, up to the streams' free capacity."""
-        if not self.accepting:
-            return
+        """Grant unmet demand first, then top every partition up to the standing level."""
         count = len(self.outstanding)
         self._rotation = (self._rotation + 1) % count
+        order = [(self._rotation + offset) % count for offset in range(count)]
         for kind in KINDS:
-            free = sum(max(0, s.free(kind)) for s in self.streams)
-            free -= sum(o[kind] for o in self.outstanding)
-            for offset in range(count):
-                if free <= 0:
-                    break
-                partition = (self._rotation + offset) % count
-                want = self.demand[partition][kind] - self.outstanding[partition][kind]
+            capacity = sum(max(0, s.free(kind)) for s in self.streams) if self.accepting else 0
+            free = capacity - sum(o[kind] for o in self.outstanding)
+            keep = (capacity + sum(len(s.inflight[kind]) for s in self.streams)) // (4 * count)
+            keep = keep if self.accepting else 0
+            grants = [0] * count
+            for partition in order:
+                want = min(self.demand[partition][kind], free)
                 if want > 0:
-                    given = min(want, free)
+                    grants[partition] += want
+                    free -= want
+                    self.demand[partition][kind] -= want
+            for partition in order:
+                top_up = min(keep - self.outstanding[partition][kind] - grants[partition], free)
+                if top_up > 0:
+                    grants[partition] += top_up
+                    free -= top_up
+            keep_changed = keep != self.keep[kind]
+            self.keep[kind] = keep
+            for partition, given in enumerate(grants):
+                if given or keep_changed:
                     self.outstanding[partition][kind] += given
-                    free -= given
-                    self.client.send(partition, {"op": "credit", "k": kind, "n": given})
+                    self.client.send(partition, {"op": "credit", "k": kind, "n": given, "keep": keep})
 
     def held_count(self) -> int:
         return len(self.owner)
