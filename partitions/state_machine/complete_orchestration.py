@@ -52,10 +52,11 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         record["cs"] = response.customStatus.value
 
     failure = _apply_actions(ctx, out, response)
-    _append_history(ctx, instance_id, record, delivered + out.history)
-
-    if failure is None and len(delivered) + len(out.history) + record["hl"] > ctx.state.max_history_events:
+    events = delivered + out.history
+    if failure is None and record["hl"] + len(events) > ctx.state.max_history_events:
         failure = ("HistoryLimitExceeded", f"the history would exceed {ctx.state.max_history_events} events")
+    _append_history(ctx, instance_id, record, events)
+
     if failure is not None:
         _finish(ctx, out, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None:
@@ -99,30 +100,23 @@ def _complete(ctx: Ctx, out: Outcome) -> None:
         _continue_as_new(ctx, out, complete, result)
         return
     if status not in ev.TERMINAL:
-        status = ev.FAILED
-        failure = ev.failure_details("InvalidStatus", f"completeOrchestration with non-terminal status {status}")
-    _append_history(
-        ctx,
-        out.instance_id,
-        out.record,
-        [
-            ev.history_event(
-                ctx.now_ms,
-                out.complete_id,
-                executionCompleted=pb.ExecutionCompletedEvent(
-                    orchestrationStatus=status,
-                    result=complete.result if complete.HasField("result") else None,
-                    failureDetails=complete.failureDetails if complete.HasField("failureDetails") else None,
-                ),
-            ).SerializeToString()
-        ],
-    )
-    _finish(ctx, out, status, result, failure)
+        name = pb.OrchestrationStatus.Name(status) if status in pb.OrchestrationStatus.values() else str(status)
+        failure = ev.failure_details("InvalidStatus", f"completeOrchestration with non-terminal status {name}")
+        status, result = ev.FAILED, None
+    _finish(ctx, out, status, result, failure, event_id=out.complete_id)
 
 
-def _finish(ctx: Ctx, out: Outcome, status: int, result: str | None, failure: bytes | None) -> None:
-    """End the execution: record the outcome, drop pending events, tell the parent."""
+def _finish(
+    ctx: Ctx, out: Outcome, status: int, result: str | None, failure: bytes | None, event_id: int = -1
+) -> None:
+    """End the execution: executionCompleted, the outcome, pending events dropped, the parent told."""
     instance_id, record = out.instance_id, out.record
+    completed = pb.ExecutionCompletedEvent(orchestrationStatus=status, result=ev.string_value(result))
+    if failure:
+        completed.failureDetails.ParseFromString(failure)
+    _append_history(
+        ctx, instance_id, record, [ev.history_event(ctx.now_ms, event_id, executionCompleted=completed).SerializeToString()]
+    )
     ctx.set_status(instance_id, record, status)
     record["out"] = result
     record["fd"] = failure
@@ -152,7 +146,8 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     if complete.HasField("newVersion"):
         record["v"] = complete.newVersion.value
     ctx.unqueue(record)
-    ctx.set_status(instance_id, record, ev.RUNNING)
+    if record["s"] != ev.SUSPENDED:  # a suspend that arrived in flight carries over with its event
+        ctx.set_status(instance_id, record, ev.RUNNING)
     ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
     for event in complete.carryoverEvents:
         ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event.SerializeToString())

@@ -13,6 +13,9 @@ from runtime.hashing import partition_for
 
 Record = dict[str, Any]
 
+WAKES_SUSPENDED = 1  # a resume: dispatch even though the instance is (still) marked suspended
+WAKES_SCHEDULED = 2  # a terminate: dispatch even before the scheduled start time
+
 
 @dataclass
 class Ctx:
@@ -55,23 +58,26 @@ class Ctx:
             record["s"] = status
             self.actions.append(act.StatusChanged(instance_id))
 
-    def enqueue_event(self, instance_id: str, record: Record, event: bytes, wakes: bool = False) -> None:
+    def enqueue_event(self, instance_id: str, record: Record, event: bytes, wakes: int = 0) -> None:
         """Append a new event to the instance's inbox and make it ready if it may run.
 
-        `wakes` marks events that must reach a suspended or not-yet-started instance (resume, terminate).
+        `wakes` lets an event through a hold: WAKES_SUSPENDED (resume) reaches a suspended instance,
+        WAKES_SCHEDULED (terminate) also one whose scheduled start lies ahead.
         """
         self.txn.put_inbox(instance_id, self.state.next_seq(), event)
-        if wakes:
-            record["wk"] = 1
+        if wakes > record.get("wk", 0):
+            record["wk"] = wakes
         self.mark_ready(instance_id, record)
 
     def mark_ready(self, instance_id: str, record: Record) -> None:
         """Queue the instance for dispatch unless it is queued already, suspended, or scheduled for later."""
         if record.get("rq") or record["s"] in ev.TERMINAL:
             return
-        if not record.get("wk"):
-            if record["s"] == ev.SUSPENDED or record.get("hu", 0) > self.now_ms:
-                return
+        wakes = record.get("wk", 0)
+        if record["s"] == ev.SUSPENDED and wakes < WAKES_SUSPENDED:
+            return
+        if record.get("hu", 0) > self.now_ms and wakes < WAKES_SCHEDULED:
+            return
         seq = self.state.next_seq()
         self.txn.put_orch_ready(seq, instance_id)
         record["rq"] = seq

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import Ctx
+from partitions.state_machine.context import WAKES_SUSPENDED, Ctx
 from runtime.errors import InstanceNotFoundError
 
 
@@ -33,6 +33,6 @@ def apply_resume(ctx: Ctx, cmd: dict[str, Any]) -> None:
     record = _load(ctx, instance_id)
     if record["s"] == ev.SUSPENDED:
         ctx.set_status(instance_id, record, ev.RUNNING)
-        ctx.enqueue_event(instance_id, record, ev.execution_resumed(ctx.now_ms, cmd.get("reason")), wakes=True)
+        ctx.enqueue_event(instance_id, record, ev.execution_resumed(ctx.now_ms, cmd.get("reason")), wakes=WAKES_SUSPENDED)
         ctx.save(instance_id, record)
     ctx.reply(cmd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import Ctx
+from partitions.state_machine.context import WAKES_SCHEDULED, Ctx
 from runtime.errors import InstanceNotFoundError
 
 
@@ -20,7 +20,7 @@ def apply_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if record["s"] not in ev.TERMINAL:
         recurse = bool(cmd.get("r"))
         event = ev.execution_terminated(ctx.now_ms, cmd.get("out"), recurse)
-        ctx.enqueue_event(instance_id, record, event, wakes=True)
+        ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SCHEDULED)
         ctx.save(instance_id, record)
         if recurse:
             for child in record.get("ch") or ():

@@ -212,7 +212,7 @@ class StoreTxn:
         cur = self.txn.cursor(db=self._outbox)
         if not cur.set_range(keys.outbox_key(destination, 0)):
             return 0
-        while True:
+        while cur.key():  # an empty key: the cursor ran off the end of the table
             dest, row_seq = keys.parse_outbox_key(cur.key())
             if dest != destination or row_seq > seq:
                 break

@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from durabletask.internal import orchestrator_service_pb2 as sdk_pb2
 from google.protobuf import descriptor_pb2
 
-# Our generated module defines the same top-level symbols as the SDK's, so it is
-# never imported here: our .proto is compiled to a FileDescriptorSet instead.
+# Our generated module and the SDK's define the same top-level symbols in protobuf's global pool,
+# so they cannot be imported into one process. The other unit tests import ours (the engine does),
+# so neither is imported here: our .proto is compiled to a FileDescriptorSet, and the SDK's
+# descriptor is read in a subprocess.
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_PATH = REPO_ROOT / "protos" / "orchestrator_service.proto"
@@ -42,21 +43,31 @@ def compile_proto(proto_path: Path, out_dir: Path) -> descriptor_pb2.FileDescrip
     return descriptor_set.file[0]
 
 
-def _fill_json_names(message: descriptor_pb2.DescriptorProto, descriptor) -> None:
-    """Copy json_name from live descriptors; CopyToProto leaves it unset."""
+_SDK_DESCRIPTOR_SCRIPT = """
+import sys
+from durabletask.internal import orchestrator_service_pb2 as sdk_pb2
+from google.protobuf import descriptor_pb2
+
+def fill_json_names(message, descriptor):
+    # CopyToProto leaves json_name unset: copy it from the live descriptors.
     for field in message.field:
         field.json_name = descriptor.fields_by_name[field.name].json_name
     for nested in message.nested_type:
-        _fill_json_names(nested, descriptor.nested_types_by_name[nested.name])
+        fill_json_names(nested, descriptor.nested_types_by_name[nested.name])
+
+file_proto = descriptor_pb2.FileDescriptorProto()
+sdk_pb2.DESCRIPTOR.CopyToProto(file_proto)
+for message in file_proto.message_type:
+    fill_json_names(message, sdk_pb2.DESCRIPTOR.message_types_by_name[message.name])
+sys.stdout.buffer.write(file_proto.SerializeToString())
+"""
 
 
 def sdk_file_proto() -> descriptor_pb2.FileDescriptorProto:
-    """Return the SDK's compiled descriptor as a FileDescriptorProto."""
-    file_proto = descriptor_pb2.FileDescriptorProto()
-    sdk_pb2.DESCRIPTOR.CopyToProto(file_proto)
-    for message in file_proto.message_type:
-        _fill_json_names(message, sdk_pb2.DESCRIPTOR.message_types_by_name[message.name])
-    return file_proto
+    """Return the SDK's compiled descriptor as a FileDescriptorProto (loaded in a subprocess)."""
+    result = subprocess.run([sys.executable, "-c", _SDK_DESCRIPTOR_SCRIPT], capture_output=True, check=False)
+    assert result.returncode == 0, f"loading the SDK descriptor failed:\n{result.stderr.decode()}"
+    return descriptor_pb2.FileDescriptorProto.FromString(result.stdout)
 
 
 # ---------------------------------------------------------------------------

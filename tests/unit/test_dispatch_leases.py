@@ -1,0 +1,188 @@
+"""Work-item dispatch and leases: WorkItem shape (DESIGN.md §5), tokens, abandon, expiry, gateway release."""
+
+from __future__ import annotations
+
+import pytest
+
+from partitions.state_machine import actions as act
+from protos import orchestrator_service_pb2 as pb
+from runtime.errors import StaleCompletionError
+from tests.unit.conftest import (
+    GATEWAY,
+    LEASE_MS,
+    RUNNING,
+    T0,
+    kinds,
+    ms_of,
+    of_type,
+    replies,
+    schedule_task,
+)
+
+
+def test_first_work_item_is_started_plus_execution_started_with_no_past_events(core):
+    core.start("a", name="Orch", data='"in"', x="x1")
+    core.now += 7
+
+    [(token, item)] = core.dispatch_orch()
+
+    raw = item.SerializeToString()
+    parsed = pb.WorkItem.FromString(raw)  # the bytes are a valid WorkItem
+    assert parsed.WhichOneof("request") == "orchestratorRequest"
+    assert parsed.completionToken == token == f"{core.state.partition}.{core.state.epoch}.1"
+    request = parsed.orchestratorRequest
+    assert request.instanceId == "a"
+    assert request.executionId.value == "x1"
+    assert list(request.pastEvents) == []
+    assert kinds(request.newEvents) == ["orchestratorStarted", "executionStarted"]
+    assert ms_of(request.newEvents[0].timestamp) == T0 + 7
+    started = request.newEvents[1].executionStarted
+    assert (started.name, started.input.value) == ("Orch", '"in"')
+
+    lease = core.state.leases_by_token[token]
+    assert (lease.kind, lease.key, lease.gateway) == ("o", "a", GATEWAY)
+    assert lease.expires_ms == T0 + 7 + LEASE_MS
+    assert lease.execution_id == "x1"
+
+
+def test_past_events_are_the_full_committed_history_in_order(core):
+    core.start("a")
+    core.run_first("a", [schedule_task(1, "Act")])
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    core.now += 1
+
+    _, request = core.dispatch_one("a")
+
+    assert [e.SerializeToString() for e in request.pastEvents] == [
+        e.SerializeToString() for e in core.history("a")
+    ]
+    assert kinds(request.pastEvents) == ["orchestratorStarted", "executionStarted", "taskScheduled"]
+    assert kinds(request.newEvents) == ["orchestratorStarted", "eventRaised"]
+    assert ms_of(request.newEvents[0].timestamp) == core.now
+
+
+def test_an_in_flight_instance_is_not_dispatched_twice(core):
+    core.start("a")
+    core.dispatch_one("a")
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    assert core.dispatch_orch() == []
+    assert core.demand()["o"] == 0
+
+
+def test_dispatch_respects_the_limit_oldest_first(core):
+    for name in ("c", "a", "b"):
+        core.start(name)
+    assert core.demand() == {"o": 3, "a": 0}
+
+    first = core.dispatch_orch(limit=2)
+    assert [i.orchestratorRequest.instanceId for _, i in first] == ["c", "a"]
+    assert core.demand() == {"o": 1, "a": 0}
+    rest = core.dispatch_orch(limit=2)
+    assert [i.orchestratorRequest.instanceId for _, i in rest] == ["b"]
+    assert len({t for t, _ in first + rest}) == 3  # distinct tokens
+
+
+def test_stale_token_is_rejected_and_nothing_is_committed(core):
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+    with pytest.raises(StaleCompletionError):
+        core.complete_orch("a", token + "0", [schedule_task(1, "Act")])
+    assert core.history("a") == []
+    assert core.activities() == []
+    assert token in core.state.leases_by_token  # the real lease is untouched
+
+
+def test_abandon_requeues_and_voids_the_old_token(core):
+    core.start("a")
+    token, first = core.dispatch_one("a")
+
+    actions = core.request({"op": "abandon", "tok": token})
+
+    assert len(replies(actions)) == 1
+    assert of_type(actions, act.WorkAvailable)
+    assert core.state.leases_by_token == {}
+    core.now += 5
+    token2, again = core.dispatch_one("a")
+    assert token2 != token
+    assert list(again.pastEvents) == []
+    assert kinds(again.newEvents) == ["orchestratorStarted", "executionStarted"]
+    assert again.newEvents[1] == first.newEvents[1]
+    assert ms_of(again.newEvents[0].timestamp) == core.now
+    with pytest.raises(StaleCompletionError):
+        core.complete_orch("a", token, [])
+    core.complete_orch("a", token2, [])
+    assert core.status("a") == RUNNING
+
+
+def test_abandon_keeps_events_that_arrived_in_flight(core):
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    core.request({"op": "abandon", "tok": token})
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents) == ["orchestratorStarted", "executionStarted", "eventRaised"]
+
+
+def test_abandon_with_unknown_token(core):
+    with pytest.raises(StaleCompletionError):
+        core.request({"op": "abandon", "tok": "0.1.77"})
+    assert core.apply({"op": "abandon", "tok": "0.1.77", "quiet": True}) == []
+
+
+def test_expired_lease_is_requeued(core):
+    """The process turns an expired lease into a quiet abandon on its tick; the item is dispatched again."""
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+    deadline = core.state.leases_by_token[token].expires_ms
+
+    def expired(now):  # the process's housekeeping rule
+        return [lease.token for lease in core.state.leases_by_token.values() if lease.expires_ms < now]
+
+    assert expired(deadline) == []
+    assert expired(deadline + 1) == [token]
+    core.apply({"op": "abandon", "tok": token, "quiet": True}, now=deadline + 1)
+
+    token2, request = core.dispatch_one("a")
+    assert token2 != token
+    assert kinds(request.newEvents) == ["orchestratorStarted", "executionStarted"]
+    with pytest.raises(StaleCompletionError):
+        core.complete_orch("a", token, [])
+
+
+def test_activity_abandon_requeues_the_activity(core):
+    core.start("a", x="x1")
+    core.run_first("a", [schedule_task(3, "Act", '"i"')])
+    [(token, item)] = core.dispatch_act()
+    assert core.dispatch_act() == []
+
+    core.request({"op": "abandon", "tok": token})
+
+    [(token2, again)] = core.dispatch_act()
+    assert token2 != token
+    assert again.activityRequest == item.activityRequest
+    with pytest.raises(StaleCompletionError):
+        core.complete_act("a", 3, token, result="1")
+    core.complete_act("a", 3, token2, result="1")
+    assert kinds(core.inbox("a")) == ["taskCompleted"]
+
+
+def test_release_gateway_requeues_everything_it_held(core):
+    core.start("a")
+    core.run_first("a", [schedule_task(1, "Act")])
+    core.start("b")
+    core.dispatch_orch()
+    core.dispatch_act()
+    assert len(core.state.leases_by_token) == 2
+
+    core.apply({"op": "release_gateway", "g": GATEWAY})
+
+    assert core.state.leases_by_token == {}
+    assert [i.orchestratorRequest.instanceId for _, i in core.dispatch_orch()] == ["b"]
+    assert [i.activityRequest.taskId for _, i in core.dispatch_act()] == [1]
+
+
+def test_release_of_another_gateway_keeps_the_leases(core):
+    core.start("a")
+    core.dispatch_orch()
+    core.apply({"op": "release_gateway", "g": b"someone-else"})
+    assert len(core.state.leases_by_token) == 1

@@ -1,0 +1,213 @@
+"""RaiseEvent, SuspendInstance / ResumeInstance and TerminateInstance."""
+
+from __future__ import annotations
+
+import pytest
+
+from partitions.state_machine import actions as act
+from runtime.errors import InstanceNotFoundError
+from tests.unit.conftest import (
+    COMPLETED,
+    RUNNING,
+    SUSPENDED,
+    T0,
+    TERMINATED,
+    complete,
+    create_sub,
+    id_on,
+    kinds,
+    of_type,
+    replies,
+)
+
+
+def _running(core, instance_id="a"):
+    core.start(instance_id)
+    core.run_first(instance_id)
+    assert core.status(instance_id) == RUNNING
+    assert core.ready() == []
+
+
+# raise event
+
+
+def test_raise_event_puts_event_raised_into_the_inbox_and_readies_the_instance(core):
+    _running(core)
+    actions = core.request({"op": "raise", "i": "a", "n": "Approval", "in": '"yes"'})
+
+    assert len(replies(actions)) == 1
+    assert of_type(actions, act.WorkAvailable)
+    [raised] = core.inbox("a")
+    assert (raised.eventRaised.name, raised.eventRaised.input.value) == ("Approval", '"yes"')
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents) == ["orchestratorStarted", "eventRaised"]
+
+
+def test_raise_event_on_unknown_instance_raises_not_found(core):
+    with pytest.raises(InstanceNotFoundError):
+        core.request({"op": "raise", "i": "nobody", "n": "e"})
+    assert core.record("nobody") is None
+
+
+def test_quiet_raise_on_unknown_instance_is_dropped(core):
+    actions = core.apply({"op": "raise", "i": "nobody", "n": "e", "quiet": True})
+    assert actions == []
+    assert core.record("nobody") is None
+    assert core.inbox("nobody") == []
+
+
+def test_event_for_a_completed_instance_is_dropped(core):
+    core.start("a")
+    core.run_first("a", [complete(0, COMPLETED)])
+    actions = core.request({"op": "raise", "i": "a", "n": "e"})
+    assert len(replies(actions)) == 1
+    assert core.inbox("a") == []
+    assert core.ready() == []
+
+
+# suspend and resume
+
+
+def test_suspend_sets_suspended_and_holds_dispatch_until_resume(core):
+    _running(core)
+    actions = core.request({"op": "suspend", "i": "a", "reason": "maintenance"})
+
+    assert act.StatusChanged("a") in actions
+    assert core.status("a") == SUSPENDED
+    [suspended] = core.inbox("a")
+    assert suspended.executionSuspended.input.value == "maintenance"
+    assert core.dispatch_orch() == []
+
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    assert core.dispatch_orch() == []  # held: events queue up while suspended
+
+    actions = core.request({"op": "resume", "i": "a", "reason": "done"})
+    assert act.StatusChanged("a") in actions
+    assert core.status("a") == RUNNING
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents) == [
+        "orchestratorStarted",
+        "executionSuspended",
+        "eventRaised",
+        "executionResumed",
+    ]
+    assert request.newEvents[-1].executionResumed.input.value == "done"
+
+
+def test_resume_of_a_running_instance_adds_no_event(core):
+    _running(core)
+    actions = core.request({"op": "resume", "i": "a"})
+    assert len(replies(actions)) == 1
+    assert not of_type(actions, act.StatusChanged)
+    assert core.inbox("a") == []
+    assert core.dispatch_orch() == []
+
+
+def test_duplicate_suspend_adds_no_second_event(core):
+    _running(core)
+    core.request({"op": "suspend", "i": "a"})
+    actions = core.request({"op": "suspend", "i": "a"})
+    assert not of_type(actions, act.StatusChanged)
+    assert kinds(core.inbox("a")) == ["executionSuspended"]
+
+
+def test_suspend_of_a_completed_instance_changes_nothing(core):
+    core.start("a")
+    core.run_first("a", [complete(0, COMPLETED)])
+    core.request({"op": "suspend", "i": "a"})
+    core.request({"op": "resume", "i": "a"})
+    assert core.status("a") == COMPLETED
+    assert core.inbox("a") == []
+
+
+@pytest.mark.parametrize("op", ["suspend", "resume", "terminate"])
+def test_unknown_instance_raises_not_found(core, op):
+    with pytest.raises(InstanceNotFoundError):
+        core.request({"op": op, "i": "nobody"})
+
+
+# terminate
+
+
+def test_terminate_adds_execution_terminated_and_sdk_answer_finishes_it(core):
+    _running(core)
+    actions = core.request({"op": "terminate", "i": "a", "out": '"stop"'})
+
+    assert len(replies(actions)) == 1
+    [terminated] = core.inbox("a")
+    assert terminated.executionTerminated.input.value == '"stop"'
+    assert terminated.executionTerminated.recurse is False
+    assert core.status("a") == RUNNING  # the SDK confirms it
+
+    token, request = core.dispatch_one("a")
+    assert kinds(request.newEvents) == ["orchestratorStarted", "executionTerminated"]
+    actions = core.complete_orch("a", token, [complete(0, TERMINATED, '"stop"')])
+    assert act.StatusChanged("a") in actions
+    record = core.record("a")
+    assert record["s"] == TERMINATED
+    assert record["out"] == '"stop"'
+    assert kinds(core.history("a"))[-1] == "executionCompleted"
+
+
+def test_terminate_without_completion_action_still_terminates(core):
+    _running(core)
+    core.request({"op": "terminate", "i": "a"})
+    core.run_first("a", [])
+    assert core.status("a") == TERMINATED
+
+
+def test_terminate_reaches_a_suspended_instance(core):
+    _running(core)
+    core.request({"op": "suspend", "i": "a"})
+    core.request({"op": "terminate", "i": "a"})
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents) == ["orchestratorStarted", "executionSuspended", "executionTerminated"]
+
+
+def test_terminate_of_a_completed_instance_adds_nothing(core):
+    core.start("a")
+    core.run_first("a", [complete(0, COMPLETED)])
+    actions = core.request({"op": "terminate", "i": "a"})
+    assert len(replies(actions)) == 1
+    assert core.inbox("a") == []
+
+
+def test_recursive_terminate_sends_terminate_to_children(pair):
+    p0, p1 = pair
+    parent = id_on(0, 2, "parent")
+    local_child, remote_child = id_on(0, 2, "lc"), id_on(1, 2, "rc")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", local_child), create_sub(2, "C", remote_child)])
+    start_rows = len(p0.outbox(1))
+
+    actions = p0.request({"op": "terminate", "i": parent, "out": '"why"', "r": True})
+
+    assert p0.inbox(parent)[-1].executionTerminated.recurse is True
+    # the local child gets executionTerminated in the same transaction
+    assert kinds(p0.inbox(local_child)) == ["executionStarted", "executionTerminated"]
+    assert p0.inbox(local_child)[-1].executionTerminated.input.value == '"why"'
+    # the remote child gets a terminate message through the outbox
+    assert act.SendToPartition(1) in actions
+    rows = p0.outbox(1)[start_rows:]
+    assert [m for _, m in rows] == [
+        {"op": "terminate", "i": remote_child, "out": '"why"', "r": True, "quiet": True}
+    ]
+
+
+def test_non_recursive_terminate_leaves_children_alone(core):
+    core.start("parent")
+    core.run_first("parent", [create_sub(1, "C")])
+    core.request({"op": "terminate", "i": "parent"})
+    assert kinds(core.inbox("parent:0001")) == ["executionStarted"]
+
+
+def test_resume_does_not_start_a_scheduled_instance_early(core):
+    at = T0 + 10_000
+    core.start("a", ss=at)
+    core.request({"op": "suspend", "i": "a"})
+    core.request({"op": "resume", "i": "a"})
+
+    assert core.dispatch_orch() == []
+    core.apply({"op": "fire_timers"}, now=at)
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[:2] == ["orchestratorStarted", "executionStarted"]

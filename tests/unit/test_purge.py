@@ -1,0 +1,112 @@
+"""PurgeInstance by id: only terminal instances are deleted; recursive purge reaches the children."""
+
+from __future__ import annotations
+
+from partitions.state_machine import actions as act
+from tests.unit.conftest import (
+    COMPLETED,
+    FAILED,
+    TERMINATED,
+    complete,
+    create_sub,
+    id_on,
+    replies,
+    schedule_task,
+)
+
+
+def _result(actions):
+    [reply] = replies(actions)
+    return reply.result
+
+
+def test_purge_of_a_running_instance_deletes_nothing(core):
+    core.start("a")
+    core.run_first("a")
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    before = (core.record("a"), core.history("a"), core.inbox("a"), core.ready())
+
+    assert _result(core.request({"op": "purge", "i": "a"})) == {"deleted": 0}
+    assert (core.record("a"), core.history("a"), core.inbox("a"), core.ready()) == before
+
+
+def test_purge_of_an_unknown_instance_deletes_nothing(core):
+    assert _result(core.request({"op": "purge", "i": "nobody"})) == {"deleted": 0}
+
+
+def test_purge_of_a_completed_instance_deletes_record_history_and_inbox(core):
+    core.start("a")
+    core.start("other")
+    token = core.dispatch_tokens()["a"]
+    core.complete_orch("a", token, [complete(0, COMPLETED, '"r"')])
+    assert core.history("a")
+
+    assert _result(core.request({"op": "purge", "i": "a"})) == {"deleted": 1}
+
+    assert core.record("a") is None
+    assert core.history("a") == []
+    assert core.inbox("a") == []
+    assert "a" not in core.ready()
+    assert core.record("other") is not None  # neighbours untouched
+    assert len(core.inbox("other")) == 1
+    # the id can be used again afterwards
+    core.start("a")
+    assert core.history("a") == []
+
+
+def test_late_activity_result_after_purge_is_dropped(core):
+    core.start("a")
+    core.run_first("a", [schedule_task(1, "Act"), complete(2, FAILED)])
+    [(token, _)] = core.dispatch_act()
+    core.request({"op": "purge", "i": "a"})
+
+    core.complete_act("a", 1, token, result='"late"')
+
+    assert core.record("a") is None
+    assert core.inbox("a") == []
+
+
+def test_recursive_purge_sends_purge_to_children(pair):
+    p0, _ = pair
+    parent = id_on(0, 2, "parent")
+    local_child, remote_child = id_on(0, 2, "lc"), id_on(1, 2, "rc")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", local_child), create_sub(2, "C", remote_child)])
+    # finish the local child and then the parent
+    p0.complete_orch(local_child, p0.dispatch_tokens()[local_child], [complete(0, COMPLETED)])
+    p0.run_first(parent, [complete(0, COMPLETED)])
+    rows_before = len(p0.outbox(1))
+
+    actions = p0.request({"op": "purge", "i": parent, "r": True})
+
+    assert _result(actions) == {"deleted": 1}
+    assert p0.record(parent) is None
+    assert p0.record(local_child) is None  # same partition: purged in the same transaction
+    assert act.SendToPartition(1) in actions
+    assert [m for _, m in p0.outbox(1)[rows_before:]] == [{"op": "purge", "r": True, "i": remote_child}]
+
+
+def test_recursive_purge_leaves_a_running_child(core):
+    core.start("parent")
+    core.run_first("parent", [create_sub(1, "C")])
+    core.request({"op": "terminate", "i": "parent"})
+    core.complete_orch("parent", core.dispatch_tokens()["parent"], [])
+    assert core.status("parent") == TERMINATED
+
+    core.request({"op": "purge", "i": "parent", "r": True})
+
+    assert core.record("parent") is None
+    assert core.record("parent:0001") is not None  # still running: never purged
+
+
+def test_non_recursive_purge_leaves_children(core):
+    core.start("parent")
+    core.run_first("parent", [create_sub(1, "C")])
+    child_token = core.dispatch_tokens()["parent:0001"]
+    core.complete_orch("parent:0001", child_token, [complete(0, COMPLETED)])
+    core.run_first("parent", [complete(0, COMPLETED)])
+
+    core.request({"op": "purge", "i": "parent"})
+
+    assert core.record("parent") is None
+    assert core.record("parent:0001") is not None

@@ -1,0 +1,97 @@
+"""Durable timers: createTimer rows fire as timerFired at their time, and only for the live execution."""
+
+from __future__ import annotations
+
+from partitions.state_machine import actions as act
+from tests.unit.conftest import (
+    COMPLETED,
+    CONTINUED_AS_NEW,
+    T0,
+    Core,
+    complete,
+    create_timer,
+    kinds,
+    ms_of,
+    of_type,
+)
+
+
+def test_timer_fires_at_fire_at_as_timer_fired_in_the_inbox(core):
+    fire = T0 + 10_000
+    core.start("a")
+    core.run_first("a", [create_timer(2, fire)])
+
+    assert core.apply({"op": "fire_timers"}, now=fire - 1) == []
+    assert len(core.timers()) == 1
+    assert core.inbox("a") == []
+
+    actions = core.apply({"op": "fire_timers"}, now=fire)
+
+    assert of_type(actions, act.WorkAvailable)
+    assert core.timers() == []
+    [fired] = core.inbox("a")
+    assert fired.WhichOneof("eventType") == "timerFired"
+    assert fired.timerFired.timerId == 2
+    assert ms_of(fired.timerFired.fireAt) == fire
+    assert ms_of(fired.timestamp) == fire
+
+    _, request = core.dispatch_one("a")
+    assert kinds(request.pastEvents) == ["orchestratorStarted", "executionStarted", "timerCreated"]
+    assert kinds(request.newEvents) == ["orchestratorStarted", "timerFired"]
+
+
+def test_due_timers_fire_in_time_order_and_later_ones_wait(core):
+    core.start("a")
+    core.run_first("a", [create_timer(1, T0 + 300), create_timer(2, T0 + 100), create_timer(3, T0 + 900)])
+
+    core.apply({"op": "fire_timers"}, now=T0 + 500)
+
+    assert [e.timerFired.timerId for e in core.inbox("a")] == [2, 1]
+    assert [(f, t) for f, _, t, _ in core.timers()] == [(T0 + 900, 3)]
+
+
+def test_fire_timers_honours_the_limit(core):
+    core.start("a")
+    core.run_first("a", [create_timer(1, T0 + 1), create_timer(2, T0 + 2)])
+    core.apply({"op": "fire_timers", "limit": 1}, now=T0 + 10)
+    assert [e.timerFired.timerId for e in core.inbox("a")] == [1]
+    core.apply({"op": "fire_timers", "limit": 1}, now=T0 + 10)
+    assert [e.timerFired.timerId for e in core.inbox("a")] == [1, 2]
+
+
+def test_timer_of_a_completed_instance_is_deleted_without_an_event(core):
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+    core.complete_orch("a", token, [create_timer(1, T0 + 5)])
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    core.run_first("a", [complete(0, COMPLETED)])
+
+    assert core.apply({"op": "fire_timers"}, now=T0 + 5) == []
+    assert core.timers() == []
+    assert core.inbox("a") == []
+
+
+def test_timer_of_an_earlier_execution_is_dropped_after_continue_as_new(core):
+    core.start("a")
+    core.run_first("a", [create_timer(1, T0 + 5)])
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    core.run_first("a", [complete(0, CONTINUED_AS_NEW, '"n"')])
+    inbox = core.inbox("a")
+
+    core.apply({"op": "fire_timers"}, now=T0 + 5)
+
+    assert core.timers() == []
+    assert core.inbox("a") == inbox  # no timerFired for the new execution
+
+
+def test_timer_survives_reopening_the_store(tmp_path):
+    path = str(tmp_path / "p")
+    core = Core(path)
+    core.start("a")
+    core.run_first("a", [create_timer(1, T0 + 5)])
+    core.close()
+
+    reopened = Core(path)
+    reopened.apply({"op": "fire_timers"}, now=T0 + 5)
+    assert [e.timerFired.timerId for e in reopened.inbox("a")] == [1]
+    reopened.close()
