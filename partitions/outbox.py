@@ -77,7 +77,7 @@ class Outbox:
             if len(rows) == _MAX_ROWS_PER_FRAME:
                 self.dirty.add(destination)
 
-    def acked(self, destination: int, seq: int, commands: list[dict[str, Any]]) -> None:
+    def on_ack(self, destination: int, seq: int, commands: list[dict[str, Any]]) -> None:
         if seq > self.acked.get(destination, 0):
             self.acked[destination] = seq
             self.progress_ms[destination] = _now_ms()

@@ -194,7 +194,7 @@ class PartitionProcess:
                 gateway.keep[message["k"]] = int(message.get("keep", 0))
                 self.work_changed = True
         elif op == "ack":
-            self.outbox.acked(int(message["from"]), int(message["seq"]), commands)
+            self.outbox.on_ack(int(message["from"]), int(message["seq"]), commands)
         elif op == "_tick":
             self.housekeeping(now, commands)
         else:

@@ -15,7 +15,7 @@ from partitions.state_machine.complete_activity import apply_complete_activity
 from partitions.state_machine.complete_orchestration import apply_complete_orchestration
 from partitions.state_machine.context import Ctx
 from partitions.state_machine.leases import apply_abandon, apply_release_gateway
-from partitions.state_machine.purge_instance import apply_purge
+from partitions.state_machine.purge_instance import apply_get_children, apply_purge
 from partitions.state_machine.queries import apply_get_instance, apply_wait
 from partitions.state_machine.raise_event import apply_raise_event
 from partitions.state_machine.start_instance import apply_start_child, apply_start_instance
@@ -35,6 +35,7 @@ COMMANDS: dict[str, Handler] = {
     "complete_orch": apply_complete_orchestration,
     "fire_timers": apply_fire_timers,
     "get": apply_get_instance,
+    "get_children": apply_get_children,
     "purge": apply_purge,
     "raise": apply_raise_event,
     "release_gateway": apply_release_gateway,
@@ -48,7 +49,6 @@ COMMANDS: dict[str, Handler] = {
 # Messages between instances, possibly on other partitions (delivered through the outbox).
 MESSAGES: dict[str, Handler] = {
     "child_done": apply_child_done,
-    "purge": apply_purge,
     "raise": apply_raise_event,
     "start_child": apply_start_child,
     "terminate": apply_terminate,

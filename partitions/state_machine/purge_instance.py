@@ -20,14 +20,21 @@ def remove_instance(ctx: Ctx, instance_id: str, record: Record) -> None:
 
 
 def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Running instances are never purged: they count as not deleted."""
+    """Running instances are never purged: they count as not deleted.
+
+    Recursive purge is driven by the gateway (children first, then the parent), so the count it
+    reports is the real one; purging is idempotent, so a retried request does no harm.
+    """
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
     deleted = 0
     if record is not None and record["s"] in ev.TERMINAL:
-        if cmd.get("r"):
-            for child in record.get("ch") or ():
-                ctx.send_to_instance(child, {"op": "purge", "r": True})
         remove_instance(ctx, instance_id, record)
         deleted = 1
     ctx.reply(cmd, {"deleted": deleted})
+
+
+def apply_get_children(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """The status and sub-orchestration ids of an instance (None when it does not exist)."""
+    record = ctx.load(cmd["i"])
+    ctx.reply(cmd, None if record is None else {"s": record["s"], "ch": list(record.get("ch") or ())})

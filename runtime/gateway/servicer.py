@@ -32,6 +32,15 @@ SERVICE = pb.DESCRIPTOR.services_by_name[SERVICE_NAME]
 HEALTH_PING = pb.WorkItem(healthPing=pb.HealthPing()).SerializeToString()
 DEFAULT_WORK_ITEM_LIMIT = 100
 _NO_DEADLINE_WAIT_S = 7 * 24 * 3600.0
+_MAX_PURGE_DEPTH = 64
+TERMINAL_STATUSES = frozenset(
+    {
+        pb.ORCHESTRATION_STATUS_COMPLETED,
+        pb.ORCHESTRATION_STATUS_FAILED,
+        pb.ORCHESTRATION_STATUS_CANCELED,
+        pb.ORCHESTRATION_STATUS_TERMINATED,
+    }
+)
 
 STATUS_BY_CODE = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -153,8 +162,21 @@ class Servicer:
         if request.HasField("purgeInstanceFilter") or request.HasField("instanceBatch"):
             raise UnimplementedError("PurgeInstances with a filter or an instance batch is not implemented yet")
         translate.check_instance_id(request.instanceId, self.config)
-        result = await self._call({"op": "purge", "i": request.instanceId, "r": request.recursive}, context)
-        return pb.PurgeInstancesResponse(deletedInstanceCount=result["deleted"], isComplete=wrappers_pb2.BoolValue(value=True))
+        deleted = await self._purge(request.instanceId, request.recursive, self._timeout(context), depth=0)
+        return pb.PurgeInstancesResponse(deletedInstanceCount=deleted, isComplete=wrappers_pb2.BoolValue(value=True))
+
+    async def _purge(self, instance_id: str, recursive: bool, timeout: float, depth: int) -> int:
+        """Children first, then the instance itself, so an interrupted purge can simply be retried."""
+        partition = self.client.partition_of(instance_id)
+        deleted = 0
+        if recursive and depth < _MAX_PURGE_DEPTH:
+            info = await self.client.request(partition, {"op": "get_children", "i": instance_id}, timeout)
+            if info is None or info["s"] not in TERMINAL_STATUSES:
+                return 0
+            counts = await asyncio.gather(*(self._purge(c, True, timeout, depth + 1) for c in info["ch"]))
+            deleted += sum(counts)
+        result = await self.client.request(partition, {"op": "purge", "i": instance_id}, timeout)
+        return deleted + result["deleted"]
 
     # worker RPCs
     async def GetWorkItems(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     here = Path(__file__).parent
     skip = pytest.mark.skip(reason="engine-only behaviour; DURABLE_E2E_BACKEND=inmemory")
     for item in items:
-        if here not in Path(str(item.fspath)).parents:
+        if here not in item.path.parents:
             continue
         item.add_marker(pytest.mark.e2e)
         if INMEMORY and item.get_closest_marker("crash"):

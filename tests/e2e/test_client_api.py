@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -110,8 +111,10 @@ def test_reuse_id_policy_does_not_replace_running_instance(client):
 def test_scheduled_start_time_in_the_future(client):
     start_at = datetime.now(UTC) + timedelta(seconds=2)
     iid = client.schedule_new_orchestration(report_start_time, instance_id=new_id("later"), start_at=start_at)
-    state = client.get_orchestration_state(iid)
-    assert state.runtime_status == OrchestrationStatus.PENDING
+    # PENDING (and not dispatched) until shortly before the start time; checked repeatedly, with a deadline.
+    while datetime.now(UTC) < start_at - timedelta(milliseconds=300):
+        assert client.get_orchestration_state(iid).runtime_status == OrchestrationStatus.PENDING
+        time.sleep(0.1)
     state = finish(client, iid)
     started = datetime.fromisoformat(state.get_output())
     assert started >= start_at - timedelta(milliseconds=50), (started, start_at)

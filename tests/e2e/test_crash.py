@@ -243,6 +243,7 @@ def test_timer_pending_at_crash_fires_after_restart(fresh_runtime):
         rt.kill()
     rt.restart()
     with running_worker(rt.address, ORCHESTRATORS, ACTIVITIES), TaskHubGrpcClient(host_address=rt.address) as client:
+        assert client.get_orchestration_state(iid) is not None, "instance lost in the crash"
         st = client.wait_for_orchestration_completion(iid, timeout=DEADLINE_S)
         assert st.runtime_status == OrchestrationStatus.COMPLETED, st.failure_details
         assert st.get_output() == expected_output("timer_seq", iid)

@@ -76,7 +76,16 @@ def uuid_orchestrator(ctx: task.OrchestrationContext, _):
     return {"first": [u1, u2], "echoed": echoed, "later": u3, "echoed_later": echoed3}
 
 
-ORCHESTRATORS = [custom_status_steps, wait_forever, parent_of_waiting_child, two_step_events, counter_loop,
+def orchestrator_raises(ctx: task.OrchestrationContext, message: str):
+    yield ctx.call_activity(identity, input=1)
+    raise ValueError(message)
+
+
+def orchestrator_without_yield(ctx: task.OrchestrationContext, value):
+    return {"plain": value}
+
+
+ORCHESTRATORS = [orchestrator_raises, orchestrator_without_yield, custom_status_steps, wait_forever, parent_of_waiting_child, two_step_events, counter_loop,
                  collect_events_loop, uuid_orchestrator]
 ACTIVITIES = [identity]
 
@@ -104,6 +113,22 @@ def state_matches(client, iid, status=None, custom_status=...):
             return None
         return st
     return check
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outcomes
+# ---------------------------------------------------------------------------------------------------------
+def test_orchestrator_exception_fails_instance(client):
+    iid = client.schedule_new_orchestration(orchestrator_raises, input="orchestrator broke", instance_id=new_id())
+    state = finish(client, iid, OrchestrationStatus.FAILED)
+    assert state.failure_details.error_type == "builtins.ValueError"
+    assert "orchestrator broke" in state.failure_details.message
+    assert state.get_output() is None
+
+
+def test_non_generator_orchestrator_completes(client):
+    iid = client.schedule_new_orchestration(orchestrator_without_yield, input=[1, "a"], instance_id=new_id())
+    assert finish(client, iid).get_output() == {"plain": [1, "a"]}
 
 
 # ---------------------------------------------------------------------------------------------------------

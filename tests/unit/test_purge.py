@@ -66,24 +66,29 @@ def test_late_activity_result_after_purge_is_dropped(core):
     assert core.inbox("a") == []
 
 
-def test_recursive_purge_sends_purge_to_children(pair):
+def test_get_children_lists_sub_orchestrations_and_purge_removes_only_the_named_instance(pair):
+    """Recursive purge is driven by the gateway: the partition reports children, then purges one id."""
     p0, _ = pair
     parent = id_on(0, 2, "parent")
     local_child, remote_child = id_on(0, 2, "lc"), id_on(1, 2, "rc")
     p0.start(parent)
     p0.run_first(parent, [create_sub(1, "C", local_child), create_sub(2, "C", remote_child)])
-    # finish the local child and then the parent
     p0.complete_orch(local_child, p0.dispatch_tokens()[local_child], [complete(0, COMPLETED)])
     p0.run_first(parent, [complete(0, COMPLETED)])
     rows_before = len(p0.outbox(1))
 
+    info = _result(p0.request({"op": "get_children", "i": parent}))
     actions = p0.request({"op": "purge", "i": parent, "r": True})
 
+    assert info == {"s": COMPLETED, "ch": [local_child, remote_child]}
     assert _result(actions) == {"deleted": 1}
     assert p0.record(parent) is None
-    assert p0.record(local_child) is None  # same partition: purged in the same transaction
-    assert act.SendToPartition(1) in actions
-    assert [m for _, m in p0.outbox(1)[rows_before:]] == [{"op": "purge", "r": True, "i": remote_child}]
+    assert p0.record(local_child) is not None  # the gateway purges each child with its own request
+    assert len(p0.outbox(1)) == rows_before  # no cascade through the outbox
+
+
+def test_get_children_of_unknown_instance_is_none(core):
+    assert _result(core.request({"op": "get_children", "i": "nobody"})) is None
 
 
 def test_recursive_purge_leaves_a_running_child(core):
