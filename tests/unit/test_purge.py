@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from partitions.state_machine import actions as act
 from tests.unit.conftest import (
     COMPLETED,
     FAILED,
