@@ -10,21 +10,9 @@ from partitions.state_machine import events as ev
 from partitions.state_machine.state import CoreState, Lease
 from partitions.store.lmdb_store import StoreTxn
 from protos import orchestrator_service_pb2 as pb
+from runtime.wire import length_delimited
 
 MAX_NEW_EVENTS = 5000  # per work item; the rest waits for the next one
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _new_token(state: CoreState) -> str:
@@ -51,11 +39,11 @@ def dispatch_orchestrations(
         started = ev.orchestrator_started(now_ms)
         request = b"".join(
             (
-                _field(1, instance_id.encode("utf-8")),
-                _field(2, _field(1, record["x"].encode("utf-8"))),
-                b"".join(_field(3, event) for event in txn.history(instance_id)),
-                _field(4, started),
-                b"".join(_field(4, event) for _, event in inbox),
+                length_delimited(1, instance_id.encode("utf-8")),
+                length_delimited(2, length_delimited(1, record["x"].encode("utf-8"))),
+                b"".join(length_delimited(3, event) for event in txn.history(instance_id)),
+                length_delimited(4, started),
+                b"".join(length_delimited(4, event) for _, event in inbox),
             )
         )
         state.add_lease(
@@ -70,7 +58,7 @@ def dispatch_orchestrations(
                 execution_id=record["x"],
             )
         )
-        items.append((token, _field(1, request) + _field(10, token.encode())))
+        items.append((token, length_delimited(1, request) + length_delimited(10, token.encode())))
     return items
 
 

@@ -17,6 +17,12 @@ from partitions.state_machine.context import Ctx
 from partitions.state_machine.leases import apply_abandon, apply_release_gateway
 from partitions.state_machine.purge_instance import apply_get_children, apply_purge
 from partitions.state_machine.queries import apply_get_instance, apply_wait
+from partitions.state_machine.query_instances import (
+    apply_history,
+    apply_list_ids,
+    apply_purge_filter,
+    apply_query,
+)
 from partitions.state_machine.raise_event import apply_raise_event
 from partitions.state_machine.start_instance import apply_start_child, apply_start_instance
 from partitions.state_machine.state import CoreState
@@ -36,7 +42,11 @@ COMMANDS: dict[str, Handler] = {
     "fire_timers": apply_fire_timers,
     "get": apply_get_instance,
     "get_children": apply_get_children,
+    "history": apply_history,
+    "list_ids": apply_list_ids,
     "purge": apply_purge,
+    "purge_filter": apply_purge_filter,
+    "query": apply_query,
     "raise": apply_raise_event,
     "release_gateway": apply_release_gateway,
     "resume": apply_resume,

@@ -50,7 +50,11 @@ class Ctx:
         return self.txn.get_instance(instance_id)
 
     def save(self, instance_id: str, record: Record) -> None:
+        """Write the record and keep its secondary-index rows in step with it."""
         record["u"] = self.now_ms
+        indexed = [record["s"], record["c"], record.get("d") or 0]
+        self.txn.index_instance(instance_id, record.get("ix"), indexed)
+        record["ix"] = indexed
         self.txn.put_instance(instance_id, record)
 
     def set_status(self, instance_id: str, record: Record, status: int) -> None:

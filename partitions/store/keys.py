@@ -16,6 +16,9 @@ TABLES = (
     "timers",  # u64 fire_ms, id NUL, i32 timer id -> msgpack {execution id}
     "outbox",  # u16 destination partition, u64 seq -> msgpack message
     "dedup",  # u16 sender partition -> u64 last applied seq
+    "idx_created",  # u64 created_ms, id -> b"" (queries and purge by created time)
+    "idx_status",  # u8 status, u64 created_ms, id -> b"" (queries by status)
+    "idx_completed",  # u64 completed_ms, id -> u8 status (ListInstanceIds by completed time)
 )
 
 _U16 = struct.Struct(">H")
@@ -84,3 +87,20 @@ def pack_u64(value: int) -> bytes:
 
 def unpack_u64(value: bytes) -> int:
     return _U64.unpack(value)[0]
+
+
+def created_index_key(created_ms: int, instance_id: str) -> bytes:
+    return _U64.pack(created_ms) + instance_id.encode("utf-8")
+
+
+def status_index_key(status: int, created_ms: int, instance_id: str) -> bytes:
+    return bytes((status,)) + _U64.pack(created_ms) + instance_id.encode("utf-8")
+
+
+def completed_index_key(completed_ms: int, instance_id: str) -> bytes:
+    return _U64.pack(completed_ms) + instance_id.encode("utf-8")
+
+
+def parse_time_index_key(key: bytes, offset: int = 0) -> tuple[int, str]:
+    """(ms, instance id) from a created, status (offset 1) or completed index key."""
+    return _U64.unpack_from(key, offset)[0], key[offset + 8 :].decode("utf-8")

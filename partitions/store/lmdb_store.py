@@ -75,6 +75,9 @@ class StoreTxn:
         self._timers = dbs["timers"]
         self._outbox = dbs["outbox"]
         self._dedup = dbs["dedup"]
+        self._idx_created = dbs["idx_created"]
+        self._idx_status = dbs["idx_status"]
+        self._idx_completed = dbs["idx_completed"]
         self.dbs = dbs
 
     def child(self) -> StoreTxn:
@@ -238,6 +241,59 @@ class StoreTxn:
 
     def put_dedup(self, sender: int, seq: int) -> None:
         self.txn.put(keys.partition_key(sender), keys.pack_u64(seq), db=self._dedup)
+
+    # secondary indexes
+    def index_instance(self, instance_id: str, old: list[int] | None, new: list[int] | None) -> None:
+        """Move the instance's index rows from `old` to `new` ([status, created_ms, completed_ms])."""
+        if old == new:
+            return
+        if old:
+            status, created, completed = old
+            self.txn.delete(keys.created_index_key(created, instance_id), db=self._idx_created)
+            self.txn.delete(keys.status_index_key(status, created, instance_id), db=self._idx_status)
+            if completed:
+                self.txn.delete(keys.completed_index_key(completed, instance_id), db=self._idx_completed)
+        if new:
+            status, created, completed = new
+            self.txn.put(keys.created_index_key(created, instance_id), b"", db=self._idx_created)
+            self.txn.put(keys.status_index_key(status, created, instance_id), b"", db=self._idx_status)
+            if completed:
+                self.txn.put(
+                    keys.completed_index_key(completed, instance_id), bytes((status,)), db=self._idx_completed
+                )
+
+    def scan_created(self, from_ms: int, to_ms: int) -> Iterator[tuple[int, str]]:
+        """(created_ms, id) in order, for created_ms in [from_ms, to_ms)."""
+        for key, _ in self._items_from(self._idx_created, keys.pack_u64(from_ms)):
+            created, instance_id = keys.parse_time_index_key(key)
+            if created >= to_ms:
+                return
+            yield created, instance_id
+
+    def scan_status(self, status: int, from_ms: int, to_ms: int) -> Iterator[tuple[int, str]]:
+        prefix = bytes((status,))
+        for key, _ in self._items_from(self._idx_status, prefix + keys.pack_u64(from_ms)):
+            if not key.startswith(prefix):
+                return
+            created, instance_id = keys.parse_time_index_key(key, 1)
+            if created >= to_ms:
+                return
+            yield created, instance_id
+
+    def scan_completed(self, from_ms: int, to_ms: int) -> Iterator[tuple[int, str, int]]:
+        """(completed_ms, id, status) in order, for completed_ms in [from_ms, to_ms)."""
+        for key, value in self._items_from(self._idx_completed, keys.pack_u64(from_ms)):
+            completed, instance_id = keys.parse_time_index_key(key)
+            if completed >= to_ms:
+                return
+            yield completed, instance_id, value[0]
+
+    def scan_instance_ids(self, prefix: str) -> Iterator[str]:
+        raw = prefix.encode("utf-8")
+        for key, _ in self._items_from(self._instances, raw):
+            if not key.startswith(raw):
+                return
+            yield key.decode("utf-8")
 
     # helpers
     def _items_from(self, db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import empty_pb2, wrappers_pb2
+from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
 
 from protos import orchestrator_service_pb2 as pb
 from runtime.config import Config
-from runtime.errors import DurableRuntimeError, InvalidArgumentError, UnimplementedError
+from runtime.errors import DurableRuntimeError, InvalidArgumentError
 from runtime.gateway import translate
+from runtime.gateway.management import Management
 from runtime.gateway.partition_client import PartitionClient
 from runtime.gateway.work_items import WorkDispatcher, WorkerStream
 
@@ -32,15 +33,6 @@ SERVICE = pb.DESCRIPTOR.services_by_name[SERVICE_NAME]
 HEALTH_PING = pb.WorkItem(healthPing=pb.HealthPing()).SerializeToString()
 DEFAULT_WORK_ITEM_LIMIT = 100
 _NO_DEADLINE_WAIT_S = 7 * 24 * 3600.0
-_MAX_PURGE_DEPTH = 64
-TERMINAL_STATUSES = frozenset(
-    {
-        pb.ORCHESTRATION_STATUS_COMPLETED,
-        pb.ORCHESTRATION_STATUS_FAILED,
-        pb.ORCHESTRATION_STATUS_CANCELED,
-        pb.ORCHESTRATION_STATUS_TERMINATED,
-    }
-)
 
 STATUS_BY_CODE = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -81,6 +73,7 @@ class Servicer:
         self.config = config
         self.client = client
         self.dispatcher = dispatcher
+        self.management = Management(config, client)
         self.draining = asyncio.Event()
 
     def _timeout(self, context: grpc.aio.ServicerContext, default: float | None = None) -> float:
@@ -159,24 +152,30 @@ class Servicer:
 
     @rpc(pb.PurgeInstancesRequest)
     async def PurgeInstances(self, request: Any, context: Any, raw: bytes) -> pb.PurgeInstancesResponse:
-        if request.HasField("purgeInstanceFilter") or request.HasField("instanceBatch"):
-            raise UnimplementedError("PurgeInstances with a filter or an instance batch is not implemented yet")
-        translate.check_instance_id(request.instanceId, self.config)
-        deleted = await self._purge(request.instanceId, request.recursive, self._timeout(context), depth=0)
-        return pb.PurgeInstancesResponse(deletedInstanceCount=deleted, isComplete=wrappers_pb2.BoolValue(value=True))
+        return await self.management.purge(request, self._timeout(context))
 
-    async def _purge(self, instance_id: str, recursive: bool, timeout: float, depth: int) -> int:
-        """Children first, then the instance itself, so an interrupted purge can simply be retried."""
-        partition = self.client.partition_of(instance_id)
-        deleted = 0
-        if recursive and depth < _MAX_PURGE_DEPTH:
-            info = await self.client.request(partition, {"op": "get_children", "i": instance_id}, timeout)
-            if info is None or info["s"] not in TERMINAL_STATUSES:
-                return 0
-            counts = await asyncio.gather(*(self._purge(c, True, timeout, depth + 1) for c in info["ch"]))
-            deleted += sum(counts)
-        result = await self.client.request(partition, {"op": "purge", "i": instance_id}, timeout)
-        return deleted + result["deleted"]
+    @rpc(pb.QueryInstancesRequest)
+    async def QueryInstances(self, request: Any, context: Any, raw: bytes) -> pb.QueryInstancesResponse:
+        return await self.management.query_instances(request.query, self._timeout(context))
+
+    @rpc(pb.ListInstanceIdsRequest)
+    async def ListInstanceIds(self, request: Any, context: Any, raw: bytes) -> pb.ListInstanceIdsResponse:
+        return await self.management.list_instance_ids(request, self._timeout(context))
+
+    @rpc(pb.RestartInstanceRequest)
+    async def RestartInstance(self, request: Any, context: Any, raw: bytes) -> pb.RestartInstanceResponse:
+        return await self.management.restart(request, self._timeout(context))
+
+    async def StreamInstanceHistory(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            request = pb.StreamInstanceHistoryRequest.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed StreamInstanceHistoryRequest: {exc}")
+        try:
+            async for chunk in self.management.history(request, self._timeout(context)):
+                yield chunk
+        except DurableRuntimeError as exc:
+            await context.abort(STATUS_BY_CODE.get(exc.code, grpc.StatusCode.INTERNAL), str(exc))
 
     # worker RPCs
     async def GetWorkItems(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

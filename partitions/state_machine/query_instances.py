@@ -1,0 +1,105 @@
+"""QueryInstances, ListInstanceIds and purge by filter: one partition's share, served from its indexes.
+
+Each partition answers in a fixed order, (created_ms, id) or (completed_ms, id), starting after the
+caller's continuation point; the gateway merges the partitions' pages in the same order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from typing import Any
+
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import Ctx
+from partitions.state_machine.purge_instance import remove_instance
+from partitions.state_machine.queries import instance_state
+from partitions.store.lmdb_store import StoreTxn
+
+_FOREVER_MS = (1 << 63) - 1
+MAX_PAGE = 1000
+MAX_PURGE_BATCH = 500
+
+
+def _after(point: list[Any] | None) -> tuple[int, str]:
+    return (int(point[0]), str(point[1])) if point else (-1, "")
+
+
+def _created_candidates(txn: StoreTxn, cmd: dict[str, Any]) -> Iterator[tuple[int, str]]:
+    """Instances in (created_ms, id) order within the created range, from the cheapest index."""
+    start, end = cmd.get("cf") or 0, cmd.get("ct") or _FOREVER_MS
+    after_ms, _ = _after(cmd.get("after"))
+    start = max(start, after_ms)
+    prefix = cmd.get("prefix")
+    if prefix:  # a prefix range of the instances table is usually far smaller than a time range
+        found = []
+        for instance_id in txn.scan_instance_ids(prefix):
+            record = txn.get_instance(instance_id)
+            if record is not None and start <= record["c"] < end:
+                found.append((record["c"], instance_id))
+        yield from sorted(found)
+    elif cmd.get("statuses"):
+        yield from heapq.merge(*(txn.scan_status(s, start, end) for s in set(cmd["statuses"])))
+    else:
+        yield from txn.scan_created(start, end)
+
+
+def apply_query(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """Up to `limit` instance states matching statuses, created range and id prefix, after `after`."""
+    after = _after(cmd.get("after"))
+    statuses = set(cmd.get("statuses") or ())
+    limit = min(int(cmd.get("limit") or MAX_PAGE), MAX_PAGE)
+    prefix = cmd.get("prefix") or ""
+    page = []
+    for created, instance_id in _created_candidates(ctx.txn, cmd):
+        if (created, instance_id) <= after or not instance_id.startswith(prefix):
+            continue
+        record = ctx.load(instance_id)
+        if record is None or (statuses and record["s"] not in statuses):
+            continue
+        page.append(instance_state(instance_id, record, bool(cmd.get("pl"))))
+        if len(page) >= limit:
+            break
+    ctx.reply(cmd, page)
+
+
+def apply_list_ids(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """Terminal instances in (completed_ms, id) order, filtered by status and completed range."""
+    after = _after(cmd.get("after"))
+    statuses = set(cmd.get("statuses") or ())
+    limit = min(int(cmd.get("limit") or MAX_PAGE), MAX_PAGE)
+    start = max(cmd.get("df") or 0, after[0])
+    page = []
+    for completed, instance_id, status in ctx.txn.scan_completed(start, cmd.get("dt") or _FOREVER_MS):
+        if (completed, instance_id) <= after or (statuses and status not in statuses):
+            continue
+        page.append([completed, instance_id])
+        if len(page) >= limit:
+            break
+    ctx.reply(cmd, page)
+
+
+def apply_purge_filter(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """Purge one bounded batch of terminal instances in the created range; never a running one."""
+    statuses = set(cmd.get("statuses") or ()) or set(ev.TERMINAL)
+    deleted, children, more = 0, [], False
+    for _, instance_id in list(_created_candidates(ctx.txn, {"cf": cmd.get("cf"), "ct": cmd.get("ct")})):
+        record = ctx.load(instance_id)
+        if record is None or record["s"] not in ev.TERMINAL or record["s"] not in statuses:
+            continue
+        if deleted >= MAX_PURGE_BATCH:
+            more = True
+            break
+        children.extend(record.get("ch") or ())
+        remove_instance(ctx, instance_id, record)
+        deleted += 1
+    ctx.reply(cmd, {"deleted": deleted, "more": more, "children": children})
+
+
+def apply_history(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """The committed history of the current execution (None if unknown, or another execution asked)."""
+    record = ctx.load(cmd["i"])
+    if record is None or (cmd.get("x") and cmd["x"] != record["x"]):
+        ctx.reply(cmd, None)
+        return
+    ctx.reply(cmd, {"x": record["x"], "events": ctx.txn.history(cmd["i"])})

@@ -1,0 +1,197 @@
+"""Management RPCs that span partitions: queries, purge, restart and history, merged at the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import wrappers_pb2
+
+from protos import orchestrator_service_pb2 as pb
+from runtime.config import Config
+from runtime.errors import InstanceNotCompletedError, InstanceNotFoundError, InvalidArgumentError
+from runtime.gateway import translate
+from runtime.gateway.partition_client import PartitionClient
+from runtime.wire import length_delimited
+
+TERMINAL_STATUSES = frozenset(
+    {
+        pb.ORCHESTRATION_STATUS_COMPLETED,
+        pb.ORCHESTRATION_STATUS_FAILED,
+        pb.ORCHESTRATION_STATUS_CANCELED,
+        pb.ORCHESTRATION_STATUS_TERMINATED,
+    }
+)
+MAX_PAGE = 1000
+_MAX_PURGE_DEPTH = 64
+_HISTORY_CHUNK_BYTES = 1 << 20
+
+
+def _ms(message: Any, name: str) -> int | None:
+    if not message.HasField(name):
+        return None
+    ts = getattr(message, name)
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def _parse_token(token: str) -> list[Any]:
+    """Continuation tokens are '<ms>:<instance id>' of the last item returned."""
+    ms, sep, instance_id = token.partition(":")
+    if not sep or not ms.isdigit():
+        raise InvalidArgumentError(f"malformed continuation token '{token}'")
+    return [int(ms), instance_id]
+
+
+class Management:
+    def __init__(self, config: Config, client: PartitionClient) -> None:
+        self.config = config
+        self.client = client
+
+    async def _all(self, command: dict[str, Any], timeout: float) -> list[Any]:
+        """The same command on every partition, answers in partition order."""
+        return await asyncio.gather(
+            *(self.client.request(p, dict(command), timeout) for p in range(self.config.partitions))
+        )
+
+    async def query_instances(self, query: pb.InstanceQuery, timeout: float) -> pb.QueryInstancesResponse:
+        limit = min(query.maxInstanceCount or MAX_PAGE, MAX_PAGE)
+        command = {
+            "op": "query",
+            "statuses": list(query.runtimeStatus),
+            "cf": _ms(query, "createdTimeFrom"),
+            "ct": _ms(query, "createdTimeTo"),
+            "prefix": query.instanceIdPrefix.value if query.HasField("instanceIdPrefix") else None,
+            "after": _parse_token(query.continuationToken.value) if query.continuationToken.value else None,
+            "limit": limit,
+            "pl": query.fetchInputsAndOutputs,
+        }
+        pages = await self._all(command, timeout)
+        merged = list(heapq.merge(*pages, key=lambda s: (s["c"], s["i"])))
+        page = merged[:limit]
+        more = len(merged) > limit or any(len(p) >= limit for p in pages)
+        token = wrappers_pb2.StringValue(value=f"{page[-1]['c']}:{page[-1]['i']}") if more and page else None
+        return pb.QueryInstancesResponse(
+            orchestrationState=[translate.orchestration_state(s) for s in page], continuationToken=token
+        )
+
+    async def list_instance_ids(self, request: pb.ListInstanceIdsRequest, timeout: float) -> pb.ListInstanceIdsResponse:
+        limit = min(request.pageSize or MAX_PAGE, MAX_PAGE)
+        last = request.lastInstanceKey.value if request.HasField("lastInstanceKey") else ""
+        command = {
+            "op": "list_ids",
+            "statuses": list(request.runtimeStatus),
+            "df": _ms(request, "completedTimeFrom"),
+            "dt": _ms(request, "completedTimeTo"),
+            "after": _parse_token(last) if last else None,
+            "limit": limit,
+        }
+        pages = await self._all(command, timeout)
+        merged = list(heapq.merge(*pages, key=lambda row: (row[0], row[1])))
+        page = merged[:limit]
+        more = len(merged) > limit or any(len(p) >= limit for p in pages)
+        token = wrappers_pb2.StringValue(value=f"{page[-1][0]}:{page[-1][1]}") if more and page else None
+        return pb.ListInstanceIdsResponse(instanceIds=[row[1] for row in page], lastInstanceKey=token)
+
+    async def purge(self, request: pb.PurgeInstancesRequest, timeout: float) -> pb.PurgeInstancesResponse:
+        if request.HasField("purgeInstanceFilter"):
+            return await self._purge_by_filter(request.purgeInstanceFilter, request.recursive, timeout)
+        if request.HasField("instanceBatch"):
+            ids = [translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds]
+        else:
+            ids = [translate.check_instance_id(request.instanceId, self.config)]
+        counts = await asyncio.gather(*(self.purge_instance(i, request.recursive, timeout) for i in ids))
+        return pb.PurgeInstancesResponse(deletedInstanceCount=sum(counts), isComplete=wrappers_pb2.BoolValue(value=True))
+
+    async def purge_instance(self, instance_id: str, recursive: bool, timeout: float, depth: int = 0) -> int:
+        """Children first, then the instance itself, so an interrupted purge can simply be retried."""
+        partition = self.client.partition_of(instance_id)
+        deleted = 0
+        if recursive and depth < _MAX_PURGE_DEPTH:
+            info = await self.client.request(partition, {"op": "get_children", "i": instance_id}, timeout)
+            if info is None or info["s"] not in TERMINAL_STATUSES:
+                return 0
+            counts = await asyncio.gather(*(self.purge_instance(c, True, timeout, depth + 1) for c in info["ch"]))
+            deleted += sum(counts)
+        result = await self.client.request(partition, {"op": "purge", "i": instance_id}, timeout)
+        return deleted + result["deleted"]
+
+    async def _purge_by_filter(self, flt: pb.PurgeInstanceFilter, recursive: bool, timeout: float) -> pb.PurgeInstancesResponse:
+        """Bounded batches on every partition until done, or until the filter's timeout (isComplete=false)."""
+        budget = flt.timeout.seconds + flt.timeout.nanos / 1e9 if flt.HasField("timeout") else timeout
+        deadline = time.monotonic() + min(budget, timeout)
+        command = {
+            "op": "purge_filter",
+            "cf": _ms(flt, "createdTimeFrom"),
+            "ct": _ms(flt, "createdTimeTo"),
+            "statuses": list(flt.runtimeStatus),
+        }
+
+        async def drain(partition: int) -> tuple[int, bool]:
+            deleted = 0
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return deleted, False
+                result = await self.client.request(partition, dict(command), remaining)
+                deleted += result["deleted"]
+                if recursive:
+                    for child in result["children"]:
+                        deleted += await self.purge_instance(child, True, max(remaining, 0.001))
+                if not result["more"]:
+                    return deleted, True
+
+        results = await asyncio.gather(*(drain(p) for p in range(self.config.partitions)))
+        return pb.PurgeInstancesResponse(
+            deletedInstanceCount=sum(r[0] for r in results),
+            isComplete=wrappers_pb2.BoolValue(value=all(r[1] for r in results)),
+        )
+
+    async def restart(self, request: pb.RestartInstanceRequest, timeout: float) -> pb.RestartInstanceResponse:
+        """Start a terminal instance again with its original name, version, input and tags."""
+        instance_id = translate.check_instance_id(request.instanceId, self.config)
+        partition = self.client.partition_of(instance_id)
+        state = await self.client.request(partition, {"op": "get", "i": instance_id, "pl": True}, timeout)
+        if state is None:
+            raise InstanceNotFoundError(f"no orchestration instance with id '{instance_id}'")
+        if state["s"] not in TERMINAL_STATUSES:
+            raise InstanceNotCompletedError(f"instance '{instance_id}' is not in a terminal state; it cannot be restarted")
+        new_id = uuid.uuid4().hex if request.restartWithNewInstanceId else instance_id
+        command = {
+            "op": "start",
+            "i": new_id,
+            "n": state["n"],
+            "v": state.get("v"),
+            "in": state.get("in"),
+            "ss": 0,
+            "tg": state.get("tg") or {},
+            "reuse": sorted(TERMINAL_STATUSES),
+            "x": uuid.uuid4().hex,
+        }
+        result = await self.client.request(self.client.partition_of(new_id), command, timeout)
+        return pb.RestartInstanceResponse(instanceId=result["i"])
+
+    async def history(self, request: pb.StreamInstanceHistoryRequest, timeout: float) -> AsyncIterator[bytes]:
+        """The committed history in chunks of about 1 MiB, as serialized HistoryChunk messages."""
+        instance_id = translate.check_instance_id(request.instanceId, self.config)
+        command = {"op": "history", "i": instance_id, "x": request.executionId.value or None}
+        result = await self.client.request(self.client.partition_of(instance_id), command, timeout)
+        if result is None:
+            raise InstanceNotFoundError(f"no history for instance '{instance_id}' (or for that execution id)")
+        chunk: list[bytes] = []
+        size = 0
+        for event in result["events"]:
+            if chunk and size + len(event) > _HISTORY_CHUNK_BYTES:
+                yield _history_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append(event)
+            size += len(event)
+        yield _history_chunk(chunk)
+
+
+def _history_chunk(events: list[bytes]) -> bytes:
+    """HistoryChunk.events is field 1: each event is appended as it is stored, with no decoding."""
+    return b"".join(length_delimited(1, event) for event in events)
