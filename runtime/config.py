@@ -17,6 +17,11 @@ def _opt(default: Any, help_text: str) -> Any:
     return field(default=default, metadata={"help": help_text})
 
 
+def _secret(default: Any, help_text: str) -> Any:
+    """A field left out of repr(), so a logged Config never shows it."""
+    return field(default=default, repr=False, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class Config:
     """Every knob of a node. Units are in the field names."""
@@ -40,7 +45,14 @@ class Config:
     zmq_transport: str = _opt("ipc", "ipc (one machine) or tcp (partitions on several nodes)")
     zmq_host: str = _opt("127.0.0.1", "address partitions bind to with the tcp transport")
     zmq_base_port: int = _opt(5600, "partition p listens on zmq_base_port + p with the tcp transport")
-    drain_grace_s: float = _opt(20.0, "on SIGTERM, in-flight work may finish for this long before exit")
+    drain_grace_s: float = _opt(20.0, "on SIGTERM, work items already handed to workers may complete for this long before exit")
+    tls_cert_file: str = _opt("", "PEM certificate chain of the gRPC gateway; with --tls-key-file enables TLS")
+    tls_key_file: str = _opt("", "PEM private key of the gRPC gateway")
+    tls_client_ca_file: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)")
+    api_token: str = _secret("", "shared secret every gRPC call must carry as 'authorization: Bearer <token>' (the health service stays open); prefer the env variable or --api-token-file, flags show up in ps")
+    api_token_file: str = _opt("", "file holding the API token (surrounding whitespace is ignored)")
+    zmq_curve_secret_file: str = _opt("", "CurveZMQ secret key of the deployment's node keypair (Z85 text or a zmq.auth secret certificate); authenticates and encrypts the tcp transport")
+    zmq_curve_public_file: str = _opt("", "optional CurveZMQ public key matching --zmq-curve-secret-file (checked against it)")
     log_level: str = _opt("INFO", "logging level")
 
     def runtime_dir(self) -> str:
@@ -104,3 +116,32 @@ def validate(config: Config) -> None:
         raise ValueError(f"--zmq-transport must be ipc or tcp, got {config.zmq_transport!r}")
     if config.lease_timeout_s <= 0 or config.heartbeat_interval_s <= 0:
         raise ValueError("--lease-timeout-s and --heartbeat-interval-s must be positive")
+    if config.drain_grace_s < 0:
+        raise ValueError(f"--drain-grace-s must not be negative, got {config.drain_grace_s}")
+    _validate_security(config)
+
+
+def _validate_security(config: Config) -> None:
+    """Flag combinations and file presence; the files' contents are checked when they are loaded."""
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ValueError("--tls-cert-file and --tls-key-file must be given together")
+    if config.tls_client_ca_file and not config.tls_cert_file:
+        raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
+    if config.api_token and config.api_token_file:
+        raise ValueError("give the API token once: --api-token (or DURABLE_RUNTIME_API_TOKEN) or --api-token-file")
+    if config.api_token and config.api_token != config.api_token.strip():
+        raise ValueError("--api-token must not start or end with whitespace")
+    if config.zmq_curve_public_file and not config.zmq_curve_secret_file:
+        raise ValueError("--zmq-curve-public-file needs --zmq-curve-secret-file")
+    if config.zmq_curve_secret_file and config.zmq_transport != "tcp":
+        raise ValueError("CurveZMQ keys apply to --zmq-transport tcp only (ipc sockets are local files)")
+    for flag, path in (
+        ("--tls-cert-file", config.tls_cert_file),
+        ("--tls-key-file", config.tls_key_file),
+        ("--tls-client-ca-file", config.tls_client_ca_file),
+        ("--api-token-file", config.api_token_file),
+        ("--zmq-curve-secret-file", config.zmq_curve_secret_file),
+        ("--zmq-curve-public-file", config.zmq_curve_public_file),
+    ):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path!r} is not a readable file")

@@ -46,6 +46,7 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
             ctx.txn.delete_inbox_key(key)
     terminate_requested = any(pb.HistoryEvent.FromString(e).HasField("executionTerminated") for e in delivered[1:])
 
+    record.pop("ab", None)  # a worker took it: the abandon backoff starts over
     if record["s"] == ev.PENDING:
         ctx.set_status(instance_id, record, ev.RUNNING)
     if response.HasField("customStatus"):
@@ -142,7 +143,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     record["x"] = derive_execution_id(instance_id, ctx.now_ms, record["g"])
     record["in"] = new_input
     record["out"] = None
-    record["hu"] = 0
+    record["hu"] = record["sst"] = 0
     if complete.HasField("newVersion"):
         record["v"] = complete.newVersion.value
     ctx.unqueue(record)

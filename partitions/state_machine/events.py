@@ -61,8 +61,8 @@ def execution_started(now_ms: int, instance_id: str, execution_id: str, record: 
         parentInstance=parent_info,
         tags=record.get("tg") or {},
     )
-    if record.get("hu"):
-        started.scheduledStartTimestamp.CopyFrom(timestamp(record["hu"]))
+    if record.get("sst"):
+        started.scheduledStartTimestamp.CopyFrom(timestamp(record["sst"]))
     if record.get("tc"):
         started.parentTraceContext.ParseFromString(record["tc"])
     return history_event(now_ms, executionStarted=started).SerializeToString()

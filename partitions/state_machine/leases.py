@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from partitions.state_machine import actions as act
 from partitions.state_machine.context import Ctx
 from partitions.state_machine.state import Lease
+from partitions.store.keys import ACTIVITY_RETRY_TIMER_BASE, SCHEDULED_START_TIMER_ID
 from runtime.errors import StaleCompletionError
 
+ABANDON_BASE_DELAY_MS = 1000
+ABANDON_MAX_DELAY_MS = 30_000
 
-def requeue(ctx: Ctx, lease: Lease) -> None:
-    """Release `lease` and queue its work again behind everything already waiting."""
+
+def backoff_ms(abandons: int) -> int:
+    return min(ABANDON_MAX_DELAY_MS, ABANDON_BASE_DELAY_MS << min(abandons, 10))
+
+
+def requeue(ctx: Ctx, lease: Lease, backoff: bool = False) -> None:
+    """Release `lease` and queue its work again behind everything already waiting.
+
+    With `backoff` (a worker abandoned the item, e.g. a version it rejects) the item waits first,
+    1 s doubling to 30 s, so it does not bounce straight back to the same worker.
+    """
     ctx.state.release(lease)
     if lease.kind == "o":
         instance_id = lease.key
@@ -18,6 +31,10 @@ def requeue(ctx: Ctx, lease: Lease) -> None:
         record = ctx.load(instance_id)
         if record is not None:
             ctx.unqueue(record)
+            if backoff:
+                record["ab"] = record.get("ab", 0) + 1
+                record["hu"] = ctx.now_ms + backoff_ms(record["ab"] - 1)
+                ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, record["x"])
             if ctx.txn.inbox(instance_id):
                 ctx.mark_ready(instance_id, record)
             ctx.save(instance_id, record)
@@ -25,8 +42,15 @@ def requeue(ctx: Ctx, lease: Lease) -> None:
     seq = lease.key
     assert isinstance(seq, int)
     activity = ctx.txn.get_activity(seq)
-    if activity is not None:
-        ctx.txn.delete_activity(seq)
+    if activity is None:
+        return
+    ctx.txn.delete_activity(seq)
+    if backoff:
+        activity["ab"] = activity.get("ab", 0) + 1
+        fire_ms = ctx.now_ms + backoff_ms(activity["ab"] - 1)
+        ctx.txn.put_timer(fire_ms, activity["i"], ACTIVITY_RETRY_TIMER_BASE - activity["t"], {"x": activity["x"], "a": activity})
+        ctx.actions.append(act.TimerScheduled(fire_ms))
+    else:
         ctx.queue_activity(activity)
 
 
@@ -37,7 +61,7 @@ def apply_abandon(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if cmd.get("quiet"):
             return
         raise StaleCompletionError(f"completion token '{cmd.get('tok', '')}' is not a current lease")
-    requeue(ctx, lease)
+    requeue(ctx, lease, backoff=not cmd.get("quiet"))
     ctx.reply(cmd)
 
 

@@ -8,7 +8,7 @@ from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.state import Waiter
 
-_STATE_FIELDS = ("n", "v", "s", "c", "u", "d", "cs", "fd", "x", "tg", "hu")
+_STATE_FIELDS = ("n", "v", "s", "c", "u", "d", "cs", "fd", "x", "tg", "sst")
 
 
 def instance_state(instance_id: str, record: Record, with_payloads: bool) -> dict[str, Any]:

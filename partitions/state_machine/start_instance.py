@@ -61,7 +61,8 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
         "x": cmd.get("x") or derive_execution_id(instance_id, ctx.now_ms, 0),
         "in": cmd.get("in"),
         "c": ctx.now_ms,
-        "hu": scheduled_ms if scheduled_ms > ctx.now_ms else 0,
+        "hu": scheduled_ms if scheduled_ms > ctx.now_ms else 0,  # dispatch held until (ms)
+        "sst": scheduled_ms,  # the scheduled start the client asked for
         "tg": cmd.get("tg") or {},
         "p": parent,
         "hl": 0,

@@ -6,7 +6,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx
-from partitions.store.keys import SCHEDULED_START_TIMER_ID
+from partitions.store.keys import ACTIVITY_RETRY_TIMER_BASE, SCHEDULED_START_TIMER_ID
 
 
 def apply_fire_timers(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -16,6 +16,9 @@ def apply_fire_timers(ctx: Ctx, cmd: dict[str, Any]) -> None:
         record = ctx.load(instance_id)
         if record is None or record["s"] in ev.TERMINAL or record["x"] != row["x"]:
             continue  # the execution this timer belonged to is gone
+        if timer_id <= ACTIVITY_RETRY_TIMER_BASE:
+            ctx.queue_activity(row["a"])
+            continue
         if timer_id == SCHEDULED_START_TIMER_ID:
             record["hu"] = 0
             ctx.mark_ready(instance_id, record)

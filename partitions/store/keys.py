@@ -27,7 +27,8 @@ _U64 = struct.Struct(">Q")
 _I32 = struct.Struct(">i")
 _TIMER_SUFFIX = struct.Struct(">i")
 
-SCHEDULED_START_TIMER_ID = -1  # a timer row that makes a scheduled instance ready, not a timerFired
+SCHEDULED_START_TIMER_ID = -1  # a timer row that releases a held instance (scheduled start, abandon backoff)
+ACTIVITY_RETRY_TIMER_BASE = -2  # timer id -2 - task id: an abandoned activity goes back to the queue
 
 META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"

@@ -112,7 +112,7 @@ def orchestration_state(state: dict[str, Any]) -> pb.OrchestrationState:
         name=state["n"],
         version=_sv(state.get("v")),
         orchestrationStatus=state["s"],
-        scheduledStartTimestamp=_ts(state.get("hu")),
+        scheduledStartTimestamp=_ts(state.get("sst")),
         createdTimestamp=_ts(state.get("c")),
         lastUpdatedTimestamp=_ts(state.get("u")),
         input=_sv(state.get("in")),

@@ -1,13 +1,25 @@
-"""A batched ZeroMQ channel: messages queued in one loop turn leave as one msgpack frame per peer."""
+"""A batched ZeroMQ channel: messages queued in one loop turn leave as one msgpack frame per peer.
+
+With the tcp transport the sockets can be authenticated and encrypted with CurveZMQ: every node of a
+deployment shares one keypair. ROUTER sockets (servers) are Curve servers holding the secret key and
+let in only clients that present the deployment's public key (checked by a ZAP handler); DEALER
+sockets (clients) verify the server's public key and present the same keypair. ipc sockets never use
+Curve.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgpack
 import zmq
+from zmq.utils import z85
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,150 @@ def decode(frame: bytes) -> list[Message]:
     return batch
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """Z85-encoded CurveZMQ keys (40 ASCII bytes each).
+
+    `public`/`secret` are this node's keypair. Servers admit clients whose public key is in
+    `allowed` (default: just `public`); clients expect the server to hold `server_public` (default:
+    `public`). With one keypair per deployment both defaults apply.
+    """
+
+    public: bytes
+    secret: bytes = field(repr=False)
+    server_public: bytes | None = None
+    allowed: frozenset[bytes] = frozenset()
+
+    def admitted(self) -> frozenset[bytes]:
+        return self.allowed or frozenset({self.public})
+
+
+def read_curve_key(path: str, secret: bool) -> bytes:
+    """A Z85 key from a file: either the 40 characters alone or a zmq.auth certificate."""
+    with open(path, "rb") as f:
+        text = f.read()
+    if b"public-key" in text:
+        import zmq.auth
+
+        public, secret_key = zmq.auth.load_certificate(path)
+        key = secret_key if secret else public
+        if key is None:
+            raise ValueError(f"{path} is a public certificate; a secret key is needed here")
+    else:
+        key = text.strip()
+    try:
+        if len(key) != 40 or len(z85.decode(key)) != 32:
+            raise ValueError
+    except Exception:
+        kind = "secret" if secret else "public"
+        raise ValueError(f"{path} does not hold a CurveZMQ {kind} key (40 Z85 characters)") from None
+    return key
+
+
+def load_curve_keys(config: Any) -> CurveKeys | None:
+    """The node keypair named by the config, or None when Curve is not configured."""
+    if not getattr(config, "zmq_curve_secret_file", ""):
+        return None
+    if not zmq.has("curve"):
+        raise ValueError("this libzmq was built without CurveZMQ support")
+    secret = read_curve_key(config.zmq_curve_secret_file, secret=True)
+    public = zmq.curve_public(secret)
+    if config.zmq_curve_public_file:
+        given = read_curve_key(config.zmq_curve_public_file, secret=False)
+        if given != public:
+            raise ValueError(
+                f"{config.zmq_curve_public_file} does not match the secret key in {config.zmq_curve_secret_file}"
+            )
+    return CurveKeys(public=public, secret=secret)
+
+
+_UNSET: Any = object()
+_process_keys: Any = _UNSET
+_process_lock = threading.Lock()
+
+
+def configure_curve(keys: CurveKeys | None) -> None:
+    """Set the keys tcp channels of this process use when their caller passes none."""
+    global _process_keys
+    with _process_lock:
+        _process_keys = keys
+
+
+def _process_curve_keys() -> CurveKeys | None:
+    """The process's keys: as configured, else from the config the supervisor handed this process."""
+    global _process_keys
+    with _process_lock:
+        if _process_keys is _UNSET:
+            from runtime.processes import CONFIG_ENV, config_from_env
+
+            _process_keys = load_curve_keys(config_from_env()) if CONFIG_ENV in os.environ else None
+        return _process_keys
+
+
+def _curve_for(endpoint: str, curve: Any) -> CurveKeys | None:
+    if curve is not _UNSET:
+        return curve
+    return _process_curve_keys() if endpoint.startswith("tcp://") else None
+
+
+class _Allowlist:
+    """ZAP credentials provider: admit the public keys the context's servers allow."""
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, int] = {}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self.keys
+        if not allowed:
+            log.warning("rejected a CurveZMQ peer with unknown public key %s", key.decode(errors="replace"))
+        return allowed
+
+
+class _ZapHandlers:
+    """One ZAP handler thread per context, shared by its Curve servers, stopped with the last one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_ctx: dict[int, tuple[Any, _Allowlist, int]] = {}
+
+    def acquire(self, ctx: zmq.Context, keys: frozenset[bytes]) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        with self.lock:
+            entry = self.by_ctx.get(id(ctx))
+            if entry is None:
+                allowlist = _Allowlist()
+                auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
+                auth.start()
+                auth.configure_curve_callback("*", credentials_provider=allowlist)
+                entry = (auth, allowlist, 0)
+            auth, allowlist, users = entry
+            for key in keys:
+                allowlist.keys[key] = allowlist.keys.get(key, 0) + 1
+            self.by_ctx[id(ctx)] = (auth, allowlist, users + 1)
+
+    def release(self, ctx: zmq.Context, keys: frozenset[bytes]) -> None:
+        with self.lock:
+            entry = self.by_ctx.get(id(ctx))
+            if entry is None:
+                return
+            auth, allowlist, users = entry
+            for key in keys:
+                left = allowlist.keys.get(key, 0) - 1
+                if left > 0:
+                    allowlist.keys[key] = left
+                else:
+                    allowlist.keys.pop(key, None)
+            if users > 1:
+                self.by_ctx[id(ctx)] = (auth, allowlist, users - 1)
+                return
+            del self.by_ctx[id(ctx)]
+        auth.stop()
+
+
+_ZAP = _ZapHandlers()
+
+
 class ZmqChannel:
     """One ZeroMQ socket. ROUTER sockets address peers by identity; DEALER sockets have one peer.
 
@@ -47,8 +203,9 @@ class ZmqChannel:
     for messages is woken whenever POLLIN is set.
     """
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket, on_close: Any = None) -> None:
         self._sock = sock
+        self._on_close = on_close
         self._is_router = sock.socket_type == zmq.ROUTER
         self._pending: dict[bytes | None, list[Message]] = {}
         self._flush_scheduled = False
@@ -58,17 +215,36 @@ class ZmqChannel:
         self._loop.add_reader(self._fd, self._check_readable)
 
     @classmethod
-    def router(cls, ctx: zmq.Context, endpoint: str) -> ZmqChannel:
+    def router(cls, ctx: zmq.Context, endpoint: str, curve: CurveKeys | None = _UNSET) -> ZmqChannel:
+        """A bound ROUTER. `curve`: keys to require (default: the process's keys for tcp endpoints)."""
+        keys = _curve_for(endpoint, curve)
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reuses its identity
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(endpoint)
-        return cls(sock)
+        on_close = None
+        if keys is not None:
+            admitted = keys.admitted()
+            _ZAP.acquire(ctx, admitted)  # before bind: no peer may handshake without the allow-list
+            on_close = functools.partial(_ZAP.release, ctx, admitted)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        try:
+            sock.bind(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            if on_close is not None:
+                on_close()
+            raise
+        return cls(sock, on_close)
 
     @classmethod
-    def dealer(cls, ctx: zmq.Context, endpoint: str, identity: bytes) -> ZmqChannel:
+    def dealer(cls, ctx: zmq.Context, endpoint: str, identity: bytes,
+               curve: CurveKeys | None = _UNSET) -> ZmqChannel:
+        """A DEALER connected to `endpoint`. `curve`: keys to authenticate with, as for router()."""
+        keys = _curve_for(endpoint, curve)
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.SNDHWM, _HWM)
@@ -76,8 +252,16 @@ class ZmqChannel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if keys is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public or keys.public)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
         sock.connect(endpoint)
         return cls(sock)
+
+    @property
+    def socket(self) -> zmq.Socket:
+        return self._sock
 
     def send(self, msg: Message, to: bytes | None = None) -> None:
         self._pending.setdefault(to, []).append(msg)
@@ -142,3 +326,6 @@ class ZmqChannel:
         self.flush()
         self._loop.remove_reader(self._fd)
         self._sock.close(linger=0)
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()

@@ -93,10 +93,11 @@ def test_stale_token_is_rejected_and_nothing_is_committed(core):
 
 
 def test_abandon_requeues_and_voids_the_old_token(core):
+    """A quiet abandon (the worker's stream ended) requeues at once."""
     core.start("a")
     token, first = core.dispatch_one("a")
 
-    actions = core.request({"op": "abandon", "tok": token})
+    actions = core.request({"op": "abandon", "tok": token, "quiet": True})
 
     assert len(replies(actions)) == 1
     assert of_type(actions, act.WorkAvailable)
@@ -118,7 +119,7 @@ def test_abandon_keeps_events_that_arrived_in_flight(core):
     core.start("a")
     token, _ = core.dispatch_one("a")
     core.request({"op": "raise", "i": "a", "n": "e"})
-    core.request({"op": "abandon", "tok": token})
+    core.request({"op": "abandon", "tok": token, "quiet": True})
     _, request = core.dispatch_one("a")
     assert kinds(request.newEvents) == ["orchestratorStarted", "executionStarted", "eventRaised"]
 
@@ -155,7 +156,7 @@ def test_activity_abandon_requeues_the_activity(core):
     [(token, item)] = core.dispatch_act()
     assert core.dispatch_act() == []
 
-    core.request({"op": "abandon", "tok": token})
+    core.request({"op": "abandon", "tok": token, "quiet": True})
 
     [(token2, again)] = core.dispatch_act()
     assert token2 != token
@@ -186,3 +187,39 @@ def test_release_of_another_gateway_keeps_the_leases(core):
     core.dispatch_orch()
     core.apply({"op": "release_gateway", "g": b"someone-else"})
     assert len(core.state.leases_by_token) == 1
+
+
+def test_explicit_abandon_holds_the_orchestration_with_a_doubling_backoff(core):
+    """AbandonTaskOrchestratorWorkItem (e.g. a version the worker rejects) must not bounce straight back."""
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+
+    core.request({"op": "abandon", "tok": token})
+
+    assert core.dispatch_orch() == []
+    core.apply({"op": "fire_timers"}, now=core.now + 999)
+    assert core.dispatch_orch(now=core.now + 999) == []
+    core.apply({"op": "fire_timers"}, now=core.now + 1000)
+    [(token2, _)] = core.dispatch_orch(now=core.now + 1000)
+
+    core.now += 1000
+    core.request({"op": "abandon", "tok": token2})  # the second abandon waits twice as long
+    core.apply({"op": "fire_timers"}, now=core.now + 1999)
+    assert core.dispatch_orch(now=core.now + 1999) == []
+    core.apply({"op": "fire_timers"}, now=core.now + 2000)
+    assert len(core.dispatch_orch(now=core.now + 2000)) == 1
+
+
+def test_explicit_activity_abandon_requeues_after_the_backoff(core):
+    core.start("a", x="x1")
+    core.run_first("a", [schedule_task(3, "Act", '"i"')])
+    [(token, item)] = core.dispatch_act()
+
+    core.request({"op": "abandon", "tok": token})
+
+    assert core.activities() == []
+    assert core.dispatch_act() == []
+    core.apply({"op": "fire_timers"}, now=core.now + 1000)
+    [(token2, again)] = core.dispatch_act(now=core.now + 1000)
+    assert token2 != token
+    assert again.activityRequest == item.activityRequest
