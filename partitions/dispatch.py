@@ -32,8 +32,8 @@ def dispatch_orchestrations(
         record = txn.get_instance(instance_id)
         if instance_id in state.orch_leases or record is None or record.get("rq") != seq:
             continue
-        inbox = txn.inbox(instance_id)[:MAX_NEW_EVENTS]
-        if not inbox:
+        inbox = txn.inbox(instance_id)[: 1 if record.get("rw") else MAX_NEW_EVENTS]
+        if not inbox and not record.get("kick"):
             continue
         token = _new_token(state)
         started = ev.orchestrator_started(now_ms)

@@ -1,7 +1,15 @@
-"""The supervisor: start partitions and gateways, restart the ones that die, drain all on SIGTERM."""
+"""The supervisor: start partitions and gateways, restart the ones that die, drain all on SIGTERM.
+
+Shutdown (SIGTERM or SIGINT): gateways drain first -- they stop handing out work and wait, up to
+`drain_grace_s`, for the work they handed out to be completed -- while partitions keep running (and
+are restarted if they die) so those completions commit. Then partitions close their stores. The
+supervisor exits 0 when every child stopped on its own with status 0. A second signal cuts the drain
+short.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -9,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.config import Config
@@ -18,8 +27,13 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "durable-runtime.json"
 EXIT_BAD_DATA = 78
+EXIT_BAD_CONFIG = 2
+EXIT_UNCLEAN_STOP = 1
 _POLL_S = 0.1
+_STOP_POLL_S = 0.02
 _MAX_BACKOFF_S = 5.0
+_GATEWAY_STOP_MARGIN_S = 5.0  # beyond drain_grace_s, for the gateway to end its streams and exit
+_PARTITION_STOP_S = 10.0
 
 
 class DataDirError(Exception):
@@ -47,6 +61,30 @@ def check_data_dir(config: Config) -> None:
     os.replace(tmp, path)
 
 
+def check_security(config: Config) -> None:
+    """Load TLS files, the API token and Curve keys now, so a bad file fails the start with a clear message."""
+    from runtime.gateway import security
+    from runtime.router import channel
+
+    security.check(config)
+    channel.load_curve_keys(config)
+    if not _is_loopback(config.host) and not (config.tls_cert_file or config.api_token or config.api_token_file):
+        log.warning("the gRPC gateway listens on %s with neither TLS nor an API token: anyone who can reach it"
+                    " can run and read orchestrations", config.host)
+    if config.zmq_transport == "tcp" and not config.zmq_curve_secret_file and not _is_loopback(config.zmq_host):
+        log.warning("ZeroMQ tcp transport on %s without CurveZMQ keys (--zmq-curve-secret-file): partition"
+                    " traffic is neither authenticated nor encrypted", config.zmq_host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class Child:
     role: str  # "partition" or "gateway"
@@ -70,9 +108,16 @@ class Supervisor:
         self.partitions = [Child("partition", i) for i in range(config.partitions)]
         self.gateways = [Child("gateway", i) for i in range(config.gateways)]
         self.stopping = False
+        self.forced = False
         self.env = dict(os.environ, **{CONFIG_ENV: config_to_env(config)})
 
     def run(self) -> int:
+        try:
+            check_security(self.config)
+        except ValueError as exc:
+            log.error("%s", exc)
+            print(f"durable-runtime: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
         check_data_dir(self.config)
         os.makedirs(self.config.runtime_dir(), exist_ok=True)
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -89,10 +134,14 @@ class Supervisor:
             if code:
                 break
             time.sleep(_POLL_S)
-        self._shutdown()
-        return code
+        clean = self._shutdown()
+        if code:
+            return code
+        return 0 if clean else EXIT_UNCLEAN_STOP
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            self.forced = True  # a second signal: stop waiting for the drain
         self.stopping = True
 
     def _start(self, child: Child) -> None:
@@ -121,22 +170,58 @@ class Supervisor:
             child.next_start = now + delay
         return 0
 
-    def _shutdown(self) -> None:
-        """Gateways drain first (in-flight completions commit), then partitions close their stores."""
-        grace = self.config.drain_grace_s
-        self._stop_all(self.gateways, grace + 2.0)
-        self._stop_all(self.partitions, 10.0)
-        log.info("durable-runtime stopped")
+    def _shutdown(self) -> bool:
+        """Gateways drain first (in-flight completions commit), then partitions close their stores.
 
-    def _stop_all(self, children: list[Child], timeout_s: float) -> None:
-        running = [c.process for c in children if c.process is not None and c.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
+        Returns True when every child stopped on its own with exit status 0.
+        """
+        log.info("durable-runtime stopping: draining gateways (up to %.1fs)", self.config.drain_grace_s)
+        clean = self._stop_all(
+            self.gateways, self.config.drain_grace_s + _GATEWAY_STOP_MARGIN_S, keep_alive=self.partitions,
+            interruptible=True,
+        )
+        clean = self._stop_all(self.partitions, _PARTITION_STOP_S) and clean
+        log.info("durable-runtime stopped%s", "" if clean else " (not cleanly)")
+        return clean
+
+    def _stop_all(self, children: list[Child], timeout_s: float, keep_alive: Sequence[Child] = (),
+                  interruptible: bool = False) -> bool:
+        """SIGTERM `children` and wait for them; meanwhile restart any of `keep_alive` that dies.
+
+        Children still running after `timeout_s` (or, if `interruptible`, after a second signal) are killed.
+        """
+        running = [c for c in children if c.process is not None and c.process.poll() is None]
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        clean = True
         deadline = time.monotonic() + timeout_s
-        for process in running:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop in time; killing it", process.pid)
-                process.kill()
-                process.wait()
+        waiting = list(running)
+        while waiting:
+            for child in list(waiting):
+                code = child.process.poll()
+                if code is None:
+                    continue
+                waiting.remove(child)
+                if code != 0:
+                    clean = False
+                    log.warning("%s exited with %s while stopping", child.name, code)
+            if not waiting:
+                break
+            if (interruptible and self.forced) or time.monotonic() >= deadline:
+                for child in waiting:
+                    log.warning("%s (pid %d) did not stop in time; killing it", child.name, child.process.pid)
+                    child.process.kill()
+                    child.process.wait()
+                return False
+            self._keep_alive(keep_alive)
+            time.sleep(_STOP_POLL_S)
+        return clean
+
+    def _keep_alive(self, children: Sequence[Child]) -> None:
+        for child in children:
+            if child.process is None or child.process.poll() is not None:
+                if child.process is not None and child.process.returncode == EXIT_BAD_DATA:
+                    continue
+                log.warning("%s died while gateways drain; restarting it", child.name)
+                child.restarts += 1
+                self._start(child)

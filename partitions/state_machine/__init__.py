@@ -24,6 +24,7 @@ from partitions.state_machine.query_instances import (
     apply_query,
 )
 from partitions.state_machine.raise_event import apply_raise_event
+from partitions.state_machine.rewind import apply_rewind, apply_rewind_child
 from partitions.state_machine.start_instance import apply_start_child, apply_start_instance
 from partitions.state_machine.state import CoreState
 from partitions.state_machine.suspend_resume import apply_resume, apply_suspend
@@ -50,6 +51,7 @@ COMMANDS: dict[str, Handler] = {
     "raise": apply_raise_event,
     "release_gateway": apply_release_gateway,
     "resume": apply_resume,
+    "rewind": apply_rewind,
     "start": apply_start_instance,
     "suspend": apply_suspend,
     "terminate": apply_terminate,
@@ -60,6 +62,7 @@ COMMANDS: dict[str, Handler] = {
 MESSAGES: dict[str, Handler] = {
     "child_done": apply_child_done,
     "raise": apply_raise_event,
+    "rewind_child": apply_rewind_child,
     "start_child": apply_start_child,
     "terminate": apply_terminate,
 }

@@ -7,6 +7,7 @@ from typing import Any
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.orchestrator_actions import HANDLERS, UNSUPPORTED, Outcome
+from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
 from partitions.state_machine.state import Lease
 from protos import orchestrator_service_pb2 as pb
@@ -36,6 +37,16 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if record is None or record["x"] != lease.execution_id:
         ctx.reply(cmd)  # purged or replaced while in flight: nothing to commit
         return
+
+    rewind = next((a.rewindOrchestration for a in response.actions if a.HasField("rewindOrchestration")), None)
+    if rewind is not None:
+        for key in lease.inbox_keys:
+            ctx.txn.delete_inbox_key(key)
+        install_rewound_history(ctx, instance_id, record, rewind)
+        ctx.save(instance_id, record)
+        ctx.reply(cmd)
+        return
+    record.pop("kick", None)
 
     out = Outcome(instance_id, record)
     delivered = [lease.started_event]

@@ -118,13 +118,14 @@ def _apply_terminate_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestrat
         ctx.send_to_instance(term.instanceId, {"op": "terminate", "out": reason, "r": term.recurse, "quiet": True})
 
 
-UNSUPPORTED = frozenset({"rewindOrchestration", "sendEntityMessage"})
+UNSUPPORTED = frozenset({"sendEntityMessage"})
 
 HANDLERS: dict[str, Callable[[Ctx, Outcome, pb.OrchestratorAction], None]] = {
     "completeOrchestration": _apply_complete_orchestration,
     "createSubOrchestration": _apply_create_sub_orchestration,
     "createTimer": _apply_create_timer,
     "scheduleTask": _apply_schedule_task,
+    "rewindOrchestration": lambda ctx, out, action: None,  # handled before any other action
     "sendEvent": _apply_send_event,
     "terminateOrchestration": _apply_terminate_orchestration,
 }

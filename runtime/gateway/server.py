@@ -1,20 +1,84 @@
-"""A gateway process: grpc.aio server, health service, and its connection to every partition."""
+"""A gateway process: grpc.aio server, health service, and its connection to every partition.
+
+Drain on SIGTERM: health turns NOT_SERVING; no new work is handed out (partitions return their
+standing credits, new GetWorkItems calls get UNAVAILABLE); client RPCs and Complete*/Abandon* calls
+are still served until every work item this gateway handed out is completed or abandoned, or
+`drain_grace_s` passes. Then the worker streams end with OK (SDK workers reconnect at once, to
+another node if there is one), the server stops and the process exits 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.config import Config
+from runtime.gateway import security
 from runtime.gateway.partition_client import PartitionClient
 from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler
 from runtime.gateway.work_items import WorkDispatcher
+from runtime.router import channel
 
 log = logging.getLogger(__name__)
+
+_WORK_STREAM = f"/{SERVICE_NAME}/GetWorkItems"
+_SETTLING = frozenset(
+    f"/{SERVICE_NAME}/{name}"
+    for name in (
+        "CompleteOrchestratorTask",
+        "CompleteActivityTask",
+        "CompleteEntityTask",
+        "AbandonTaskOrchestratorWorkItem",
+        "AbandonTaskActivityWorkItem",
+        "AbandonTaskEntityWorkItem",
+    )
+)
+_DRAIN_POLL_S = 0.05
+_STOP_GRACE_S = 1.0  # for client calls still open after the drain (long waits end, clients retry)
+
+
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Refuses new worker streams once draining, and counts completion calls still in progress."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.settling = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if method == _WORK_STREAM and self.closed:
+            return security.rejecting_handler(
+                handler, grpc.StatusCode.UNAVAILABLE, "this node is shutting down; connect to another node or retry"
+            )
+        if method in _SETTLING and handler is not None and handler.unary_unary is not None:
+            return self._counted(handler)
+        return handler
+
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behaviour = handler.unary_unary
+
+        async def settle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.settling += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.settling -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            settle, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 class GatewayServer:
@@ -26,6 +90,9 @@ class GatewayServer:
 
     async def serve(self) -> None:
         config = self.config
+        channel.configure_curve(channel.load_curve_keys(config))
+        token = security.load_api_token(config)
+        credentials = security.server_credentials(config)
         client = PartitionClient(config, on_message=lambda p, m: dispatcher.on_message(p, m))
         dispatcher = self.dispatcher = WorkDispatcher(client)
         client.on_restart = dispatcher.on_partition_restart
@@ -37,15 +104,26 @@ class GatewayServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        server = grpc.aio.server(options=options)
+        gate = DrainGate()
+        interceptors: list[grpc.aio.ServerInterceptor] = [gate]
+        if token is not None:
+            interceptors.insert(0, security.TokenInterceptor(token))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         server.add_generic_rpc_handlers((generic_handler(servicer),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{config.host}:{config.port}"
-        server.add_insecure_port(address)
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
         client.start()
         await server.start()
-        log.info("gateway %d serving %s on %s", self.index, SERVICE_NAME, address)
+        log.info(
+            "gateway %d serving %s on %s (%s%s)", self.index, SERVICE_NAME, address,
+            "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca_file else "TLS",
+            ", API token required" if token is not None else "",
+        )
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopped.set)
@@ -53,14 +131,32 @@ class GatewayServer:
         readiness = asyncio.create_task(self._track_readiness(client, health_servicer))
         await self.stopped.wait()
 
-        log.info("gateway %d draining", self.index)
         readiness.cancel()
-        await health_servicer.enter_graceful_shutdown()
-        dispatcher.accepting = False
-        servicer.draining.set()
-        await server.stop(grace=config.drain_grace_s)
+        await self._drain(server, servicer, dispatcher, gate, health_servicer)
         client.close()
         log.info("gateway %d stopped", self.index)
+
+    async def _drain(self, server: grpc.aio.Server, servicer: Servicer, dispatcher: WorkDispatcher,
+                     gate: DrainGate, health_servicer: health.aio.HealthServicer) -> None:
+        """Let the work already handed out settle, then end the worker streams and stop the server."""
+        deadline = time.monotonic() + self.config.drain_grace_s
+        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+        gate.closed = True
+        dispatcher.accepting = False
+        dispatcher.grant()  # keep=0: partitions hand back their standing credits
+        log.info("gateway %d draining: %d work items in flight", self.index, dispatcher.held_count())
+        while dispatcher.held_count() or gate.settling:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "gateway %d: drain grace of %.1fs over with %d work items still in flight; they go back"
+                    " to their partitions' queues", self.index, self.config.drain_grace_s, dispatcher.held_count(),
+                )
+                break
+            await asyncio.sleep(_DRAIN_POLL_S)
+        else:
+            log.info("gateway %d drained: every work item it handed out was completed or abandoned", self.index)
+        servicer.draining.set()  # worker streams end with OK
+        await server.stop(grace=_STOP_GRACE_S)
 
     async def _track_readiness(self, client: PartitionClient, health_servicer: health.aio.HealthServicer) -> None:
         """Readiness: SERVING once every partition answered a heartbeat."""

@@ -150,6 +150,11 @@ class Servicer:
         await self._call(translate.suspend_or_resume("resume", request, self.config), context)
         return pb.ResumeResponse()
 
+    @rpc(pb.RewindInstanceRequest)
+    async def RewindInstance(self, request: Any, context: Any, raw: bytes) -> pb.RewindInstanceResponse:
+        await self._call(translate.rewind(request, self.config), context)
+        return pb.RewindInstanceResponse()
+
     @rpc(pb.PurgeInstancesRequest)
     async def PurgeInstances(self, request: Any, context: Any, raw: bytes) -> pb.PurgeInstancesResponse:
         return await self.management.purge(request, self._timeout(context))

@@ -83,6 +83,11 @@ def suspend_or_resume(op: str, request: pb.SuspendRequest | pb.ResumeRequest, co
     return {"op": op, "i": request.instanceId, "reason": _opt(request, "reason")}
 
 
+def rewind(request: pb.RewindInstanceRequest, config: Config) -> Command:
+    check_instance_id(request.instanceId, config)
+    return {"op": "rewind", "i": request.instanceId, "reason": _opt(request, "reason")}
+
+
 def complete_orchestration(request: pb.OrchestratorResponse, raw: bytes, config: Config) -> Command:
     check_instance_id(request.instanceId, config)
     if not request.completionToken:

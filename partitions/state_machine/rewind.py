@@ -1,0 +1,97 @@
+"""RewindInstance: a failed instance gets executionRewound; the SDK answers with the clean history.
+
+1. `apply_rewind` (client, or a rewound parent for its failed child) sets the instance RUNNING and
+   queues [orchestratorStarted, executionRewound] as its next work item.
+2. The SDK replies with a rewindOrchestration action whose newHistory drops the failures;
+   `install_rewound_history` stores it and re-runs the orchestration from it, and failed
+   sub-orchestrations are rewound (or re-created, if purged) on their own partitions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record
+from partitions.state_machine.start_instance import create_instance
+from protos import orchestrator_service_pb2 as pb
+from runtime.errors import InstanceNotCompletedError, InstanceNotFoundError
+
+
+def apply_rewind(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if record is None:
+        raise InstanceNotFoundError(f"no orchestration instance with id '{instance_id}'")
+    if record["s"] != ev.FAILED:
+        status = pb.OrchestrationStatus.Name(record["s"])
+        raise InstanceNotCompletedError(f"only a FAILED instance can be rewound; '{instance_id}' is {status}")
+    _prepare(ctx, instance_id, record, cmd.get("reason"), None)
+    ctx.reply(cmd)
+
+
+def _prepare(ctx: Ctx, instance_id: str, record: Record, reason: str | None, parent_execution_id: str | None) -> None:
+    ctx.set_status(instance_id, record, ev.RUNNING)
+    record["out"] = record["fd"] = None
+    record["d"] = 0
+    record["rw"] = 1  # the next work item is exactly [orchestratorStarted, executionRewound]
+    rewound = pb.ExecutionRewoundEvent(reason=ev.string_value(reason))
+    if parent_execution_id:
+        rewound.parentExecutionId.value = parent_execution_id
+        record["p"][1] = parent_execution_id
+    event = ev.history_event(ctx.now_ms, executionRewound=rewound).SerializeToString()
+    ctx.txn.delete_inbox(instance_id)
+    ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SUSPENDED)
+    ctx.save(instance_id, record)
+
+
+def apply_rewind_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """A rewound parent still waits for this child: rewind it if it failed, re-create it if purged."""
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if record is None:
+        create_instance(ctx, instance_id, cmd, parent=cmd["p"])
+    elif record["s"] == ev.FAILED:
+        _prepare(ctx, instance_id, record, cmd.get("reason"), cmd["p"][1])
+
+
+def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: pb.RewindOrchestrationAction) -> None:
+    """Replace the history with the SDK's clean one and replay from it."""
+    history = list(action.newHistory)
+    ctx.txn.delete_history(instance_id)
+    for index, event in enumerate(history):
+        ctx.txn.put_history(instance_id, index, event.SerializeToString())
+    record["hl"] = len(history)
+    reason = None
+    created: dict[int, pb.SubOrchestrationInstanceCreatedEvent] = {}
+    finished: set[int] = set()
+    for event in history:
+        which = event.WhichOneof("eventType")
+        if which == "executionStarted":
+            record["x"] = event.executionStarted.orchestrationInstance.executionId.value or record["x"]
+        elif which == "executionRewound" and event.executionRewound.HasField("reason"):
+            reason = event.executionRewound.reason.value
+        elif which == "subOrchestrationInstanceCreated":
+            created[event.eventId] = event.subOrchestrationInstanceCreated
+        elif which == "subOrchestrationInstanceCompleted":
+            finished.add(event.subOrchestrationInstanceCompleted.taskScheduledId)
+    record["rw"] = 0
+    record["kick"] = 1  # dispatch once with no new events: the replay re-issues the removed work
+    ctx.set_status(instance_id, record, ev.RUNNING)
+    ctx.unqueue(record)  # the ready row of the rewind work item itself
+    ctx.mark_ready(instance_id, record)
+    for task_id, child in created.items():
+        if task_id in finished:
+            continue
+        ctx.send_to_instance(
+            child.instanceId,
+            {
+                "op": "rewind_child",
+                "reason": reason,
+                "n": child.name,
+                "v": child.version.value if child.HasField("version") else None,
+                "in": child.input.value if child.HasField("input") else None,
+                "tg": dict(child.tags),
+                "p": [instance_id, record["x"], task_id, record["n"], record.get("v")],
+            },
+        )
