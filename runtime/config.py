@@ -54,6 +54,7 @@ class Config:
     zmq_curve_secret_file: str = _opt("", "CurveZMQ secret key of the deployment's node keypair (Z85 text or a zmq.auth secret certificate); authenticates and encrypts the tcp transport")
     zmq_curve_public_file: str = _opt("", "optional CurveZMQ public key matching --zmq-curve-secret-file (checked against it)")
     log_level: str = _opt("INFO", "logging level")
+    allow_task_hub_deletion: bool = _opt(False, "let DeleteTaskHub and CreateTaskHub(recreateIfExists) wipe all data")
 
     def runtime_dir(self) -> str:
         """A short per-data-dir directory for ipc sockets (unix socket paths are limited to ~100 bytes)."""
@@ -68,6 +69,20 @@ class Config:
 
     def partition_data_dir(self, partition: int) -> str:
         return os.path.join(self.data_dir, f"partition-{partition:03d}")
+
+
+def parse_bool(text: str) -> bool:
+    """Flags and environment variables spell booleans as 1/0, true/false, yes/no or on/off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _field_type(default: Any) -> Any:
+    return parse_bool if isinstance(default, bool) else type(default)
 
 
 def _env_name(name: str) -> str:
@@ -85,7 +100,7 @@ def build_parser(prog: str = "durable-runtime") -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=type(f.default),
+            type=_field_type(f.default),
             default=None,
             help=f"{f.metadata['help']} (env {_env_name(f.name)}, default {f.default})",
         )
@@ -99,7 +114,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
     for f in dataclasses.fields(Config):
         value = getattr(args, f.name, None)
         if value is None and _env_name(f.name) in environ:
-            value = type(f.default)(environ[_env_name(f.name)])
+            value = _field_type(f.default)(environ[_env_name(f.name)])
         if value is not None:
             values[f.name] = value
     config = Config(**values)

@@ -28,7 +28,8 @@ from partitions.state_machine.rewind import apply_rewind, apply_rewind_child
 from partitions.state_machine.start_instance import apply_start_child, apply_start_instance
 from partitions.state_machine.state import CoreState
 from partitions.state_machine.suspend_resume import apply_resume, apply_suspend
-from partitions.state_machine.terminate_instance import apply_terminate
+from partitions.state_machine.task_hub import apply_wipe
+from partitions.state_machine.terminate_instance import apply_force_terminate, apply_terminate
 from partitions.state_machine.timers import apply_fire_timers
 from partitions.store.lmdb_store import StoreTxn
 from runtime.errors import InvalidArgumentError
@@ -41,6 +42,7 @@ COMMANDS: dict[str, Handler] = {
     "complete_act": apply_complete_activity,
     "complete_orch": apply_complete_orchestration,
     "fire_timers": apply_fire_timers,
+    "force_terminate": apply_force_terminate,
     "get": apply_get_instance,
     "get_children": apply_get_children,
     "history": apply_history,
@@ -56,6 +58,7 @@ COMMANDS: dict[str, Handler] = {
     "suspend": apply_suspend,
     "terminate": apply_terminate,
     "wait": apply_wait,
+    "wipe": apply_wipe,
 }
 
 # Messages between instances, possibly on other partitions (delivered through the outbox).

@@ -70,11 +70,11 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     _append_history(ctx, instance_id, record, events)
 
     if failure is not None:
-        _finish(ctx, out, ev.FAILED, None, ev.failure_details(*failure))
+        finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None:
         _complete(ctx, out)
     elif terminate_requested:
-        _finish(ctx, out, ev.TERMINATED, None, None)
+        finish_execution(ctx, instance_id, record, ev.TERMINATED, None, None)
     else:
         _requeue_if_pending(ctx, instance_id, record)
     ctx.save(instance_id, record)
@@ -115,14 +115,19 @@ def _complete(ctx: Ctx, out: Outcome) -> None:
         name = pb.OrchestrationStatus.Name(status) if status in pb.OrchestrationStatus.values() else str(status)
         failure = ev.failure_details("InvalidStatus", f"completeOrchestration with non-terminal status {name}")
         status, result = ev.FAILED, None
-    _finish(ctx, out, status, result, failure, event_id=out.complete_id)
+    finish_execution(ctx, out.instance_id, out.record, status, result, failure, event_id=out.complete_id)
 
 
-def _finish(
-    ctx: Ctx, out: Outcome, status: int, result: str | None, failure: bytes | None, event_id: int = -1
+def finish_execution(
+    ctx: Ctx,
+    instance_id: str,
+    record: Record,
+    status: int,
+    result: str | None,
+    failure: bytes | None,
+    event_id: int = -1,
 ) -> None:
     """End the execution: executionCompleted, the outcome, pending events dropped, the parent told."""
-    instance_id, record = out.instance_id, out.record
     completed = pb.ExecutionCompletedEvent(orchestrationStatus=status, result=ev.string_value(result))
     if failure:
         completed.failureDetails.ParseFromString(failure)

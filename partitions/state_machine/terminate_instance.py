@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
+from partitions.state_machine.complete_orchestration import finish_execution
 from partitions.state_machine.context import WAKES_SCHEDULED, Ctx
 from runtime.errors import InstanceNotFoundError
 
@@ -26,3 +27,22 @@ def apply_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
             for child in record.get("ch") or ():
                 ctx.send_to_instance(child, {"op": "terminate", "out": cmd.get("out"), "r": True, "quiet": True})
     ctx.reply(cmd)
+
+
+def apply_force_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """SkipGracefulOrchestrationTerminations: end the instance now, without a worker's help.
+
+    A work item in flight loses its lease, so its late completion is rejected and changes nothing.
+    Replies whether the instance was terminated (False: unknown or already finished).
+    """
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if record is None or record["s"] in ev.TERMINAL:
+        ctx.reply(cmd, {"terminated": False})
+        return
+    lease = ctx.state.orch_leases.get(instance_id)
+    if lease is not None:
+        ctx.state.release(lease)
+    finish_execution(ctx, instance_id, record, ev.TERMINATED, cmd.get("out"), None)
+    ctx.save(instance_id, record)
+    ctx.reply(cmd, {"terminated": True})

@@ -90,6 +90,10 @@ class StoreTxn:
     def abort(self) -> None:
         self.txn.abort()
 
+    def drop_table(self, name: str) -> None:
+        """Delete every row of table `name` (the table itself stays)."""
+        self.txn.drop(self.dbs[name], delete=False)
+
     # meta
     def get_meta(self, name: bytes) -> bytes | None:
         return self.txn.get(name, db=self._meta)

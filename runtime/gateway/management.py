@@ -174,6 +174,28 @@ class Management:
         result = await self.client.request(self.client.partition_of(new_id), command, timeout)
         return pb.RestartInstanceResponse(instanceId=result["i"])
 
+    async def skip_graceful_terminations(
+        self, request: pb.SkipGracefulOrchestrationTerminationsRequest, timeout: float
+    ) -> pb.SkipGracefulOrchestrationTerminationsResponse:
+        """Terminate each instance at once, without waiting for a worker; report the ones left alone."""
+        reason = request.reason.value if request.HasField("reason") else None
+        ids = [translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds]
+        results = await asyncio.gather(
+            *(
+                self.client.request(self.client.partition_of(i), {"op": "force_terminate", "i": i, "out": reason}, timeout)
+                for i in ids
+            )
+        )
+        left = [i for i, result in zip(ids, results, strict=True) if not result["terminated"]]
+        return pb.SkipGracefulOrchestrationTerminationsResponse(unterminatedInstanceIds=left)
+
+    async def wipe_task_hub(self, what: str, timeout: float) -> None:
+        if not self.config.allow_task_hub_deletion:
+            raise InstanceNotCompletedError(
+                f"{what} would delete every instance; start the node with --allow-task-hub-deletion to permit it"
+            )
+        await self._all({"op": "wipe"}, timeout)
+
     async def history(self, request: pb.StreamInstanceHistoryRequest, timeout: float) -> AsyncIterator[bytes]:
         """The committed history in chunks of about 1 MiB, as serialized HistoryChunk messages."""
         instance_id = translate.check_instance_id(request.instanceId, self.config)

@@ -140,10 +140,10 @@ class GatewayServer:
                      gate: DrainGate, health_servicer: health.aio.HealthServicer) -> None:
         """Let the work already handed out settle, then end the worker streams and stop the server."""
         deadline = time.monotonic() + self.config.drain_grace_s
-        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING, and stays so
-        gate.closed = True
+        gate.closed = True  # before any await: nothing may slip in once the drain has begun
         dispatcher.accepting = False
         dispatcher.grant()  # keep=0: partitions hand back their standing credits
+        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         log.info("gateway %d draining: %d work items in flight", self.index, dispatcher.held_count())
         while dispatcher.held_count() or gate.settling:
             if time.monotonic() >= deadline:

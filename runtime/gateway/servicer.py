@@ -155,6 +155,22 @@ class Servicer:
         await self._call(translate.rewind(request, self.config), context)
         return pb.RewindInstanceResponse()
 
+    @rpc(pb.SkipGracefulOrchestrationTerminationsRequest)
+    async def SkipGracefulOrchestrationTerminations(self, request: Any, context: Any, raw: bytes) -> Any:
+        return await self.management.skip_graceful_terminations(request, self._timeout(context))
+
+    @rpc(pb.CreateTaskHubRequest)
+    async def CreateTaskHub(self, request: Any, context: Any, raw: bytes) -> pb.CreateTaskHubResponse:
+        """The task hub exists as long as the node runs; recreateIfExists wipes it (when permitted)."""
+        if request.recreateIfExists:
+            await self.management.wipe_task_hub("CreateTaskHub(recreateIfExists)", self._timeout(context))
+        return pb.CreateTaskHubResponse()
+
+    @rpc(pb.DeleteTaskHubRequest)
+    async def DeleteTaskHub(self, request: Any, context: Any, raw: bytes) -> pb.DeleteTaskHubResponse:
+        await self.management.wipe_task_hub("DeleteTaskHub", self._timeout(context))
+        return pb.DeleteTaskHubResponse()
+
     @rpc(pb.PurgeInstancesRequest)
     async def PurgeInstances(self, request: Any, context: Any, raw: bytes) -> pb.PurgeInstancesResponse:
         return await self.management.purge(request, self._timeout(context))
