@@ -142,10 +142,12 @@ class _Allowlist:
 
     def __init__(self) -> None:
         self.keys: dict[bytes, int] = {}
+        self.rejected: set[bytes] = set()  # logged once each: a rejected peer retries every few ms
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self.keys
-        if not allowed:
+        if not allowed and key not in self.rejected and len(self.rejected) < 1000:
+            self.rejected.add(key)
             log.warning("rejected a CurveZMQ peer with unknown public key %s", key.decode(errors="replace"))
         return allowed
 
@@ -206,7 +208,7 @@ class ZmqChannel:
     def __init__(self, sock: zmq.Socket, on_close: Any = None) -> None:
         self._sock = sock
         self._on_close = on_close
-        self._is_router = sock.socket_type == zmq.ROUTER
+        self._is_router = sock.type == zmq.ROUTER
         self._pending: dict[bytes | None, list[Message]] = {}
         self._flush_scheduled = False
         self._waiter: asyncio.Future[None] | None = None
