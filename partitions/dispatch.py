@@ -7,6 +7,7 @@ message field on the wire is just tag, length and bytes, one after another.
 from __future__ import annotations
 
 from partitions.state_machine import events as ev
+from partitions.state_machine.entities import runnable_operations
 from partitions.state_machine.state import CoreState, Lease
 from partitions.store.lmdb_store import StoreTxn
 from protos import orchestrator_service_pb2 as pb
@@ -91,9 +92,52 @@ def dispatch_activities(
     return items
 
 
+def dispatch_entities(
+    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int
+) -> list[tuple[str, bytes]]:
+    """Lease up to `limit` entities with runnable operations; each gets one batch (EntityRequest)."""
+    items: list[tuple[str, bytes]] = []
+    for seq, entity_id in txn.ent_ready_after(state.ent_cursor):
+        if len(items) >= limit:
+            break
+        state.ent_cursor = seq
+        record = txn.get_entity(entity_id)
+        if entity_id in state.ent_leases or record is None or record.get("rq") != seq:
+            continue
+        batch = runnable_operations(record, txn.inbox(entity_id))
+        if not batch:
+            continue
+        token = _new_token(state)
+        request = b"".join(
+            (
+                length_delimited(1, entity_id.encode("utf-8")),
+                length_delimited(3, length_delimited(1, record["st"].encode("utf-8")))
+                if record["st"] is not None
+                else b"",
+                b"".join(length_delimited(4, raw) for _, raw in batch),
+            )
+        )
+        state.add_lease(
+            Lease(
+                token=token,
+                kind="e",
+                key=entity_id,
+                gateway=gateway,
+                expires_ms=now_ms + lease_ms,
+                inbox_keys=[key for key, _ in batch],
+            )
+        )
+        items.append((token, length_delimited(5, request) + length_delimited(10, token.encode())))
+    return items
+
+
+DISPATCHERS = {"o": dispatch_orchestrations, "a": dispatch_activities, "e": dispatch_entities}
+
+
 def demand(txn: StoreTxn, state: CoreState) -> dict[str, int]:
     """Ready work not yet leased, per kind: what this partition asks the gateways for."""
     return {
         "o": max(0, txn.orch_ready_count() - len(state.orch_leases)),
         "a": max(0, txn.activity_count() - len(state.act_leases)),
+        "e": max(0, txn.ent_ready_count() - len(state.ent_leases)),
     }

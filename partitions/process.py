@@ -29,6 +29,10 @@ from runtime.router.channel import Message, ZmqChannel
 log = logging.getLogger(__name__)
 
 _BATCH_HEADROOM_BYTES = 256 << 20
+# A failure in these cannot have touched in-memory state, so it is answered without a restart.
+READ_ONLY_COMMANDS = frozenset(
+    {"get", "get_children", "get_entity", "history", "list_ids", "query", "query_entities", "wait"}
+)
 
 
 def now_ms() -> int:
@@ -71,8 +75,8 @@ class Gateway:
     def __init__(self, identity: bytes, now: int) -> None:
         self.identity = identity
         self.last_seen_ms = now
-        self.credits = {"o": 0, "a": 0}
-        self.keep = {"o": 0, "a": 0}  # standing credits the gateway lets us hold; the rest goes back
+        self.credits = {"o": 0, "a": 0, "e": 0}
+        self.keep = {"o": 0, "a": 0, "e": 0}  # standing credits the gateway lets us hold; the rest goes back
         self.reported: dict[str, int] | None = None
 
 
@@ -208,7 +212,7 @@ class PartitionProcess:
         for lease in self.state.leases_by_token.values():
             if lease.gateway == sender:
                 lease.expires_ms = now + self.lease_ms
-        self.channel.send({"op": "hb", "p": self.partition, "e": self.state.epoch}, to=sender)
+        self.channel.send({"op": "hb", "p": self.partition, "ep": self.state.epoch}, to=sender)
         gateway = self.gateways[sender]
         gateway.reported = None  # re-announce demand after a (re)connect
         self.work_changed = True
@@ -248,12 +252,13 @@ class PartitionProcess:
                 child.abort()
                 self.state.restore_counters(counters)
                 self.reply_error(command, exc.code, str(exc))
-            except Exception as exc:  # a bug: answer, then restart from what LMDB holds
+            except Exception as exc:  # a bug: answer; unless the command only reads, restart from LMDB
                 child.abort()
                 self.state.restore_counters(counters)
                 log.exception("partition %d: command %r failed", self.partition, command.get("op"))
                 self.reply_error(command, "internal", f"internal error: {exc}")
-                self.crash_requested = True
+                if command.get("op") not in READ_ONLY_COMMANDS:
+                    self.crash_requested = True
         self.state.save_counters(txn)
         txn.commit()
         return actions
@@ -307,8 +312,7 @@ class PartitionProcess:
             for kind, credit in gateway.credits.items():
                 if credit <= 0:
                     continue
-                fn = dispatch.dispatch_orchestrations if kind == "o" else dispatch.dispatch_activities
-                items = fn(txn, self.state, gateway.identity, credit, now, self.lease_ms)
+                items = dispatch.DISPATCHERS[kind](txn, self.state, gateway.identity, credit, now, self.lease_ms)
                 for token, item in items:
                     self.channel.send({"op": "wi", "k": kind, "tok": token, "wi": item}, to=gateway.identity)
                 credit -= len(items)
@@ -326,5 +330,5 @@ class PartitionProcess:
         for gateway in self.gateways.values():
             if gateway.reported != current:
                 gateway.reported = dict(current)
-                self.channel.send({"op": "demand", "p": self.partition, "e": self.state.epoch, **current},
+                self.channel.send({"op": "demand", "p": self.partition, "ep": self.state.epoch, **current},
                                   to=gateway.identity)

@@ -14,6 +14,20 @@ from partitions.state_machine.child_done import apply_child_done
 from partitions.state_machine.complete_activity import apply_complete_activity
 from partitions.state_machine.complete_orchestration import apply_complete_orchestration
 from partitions.state_machine.context import Ctx
+from partitions.state_machine.entities import (
+    apply_complete_entity,
+    apply_entity_message,
+    apply_entity_result,
+    apply_lock_granted,
+    apply_release_lock,
+    apply_signal_entity,
+    apply_start_orchestration,
+)
+from partitions.state_machine.entity_queries import (
+    apply_clean_entities,
+    apply_get_entity,
+    apply_query_entities,
+)
 from partitions.state_machine.leases import apply_abandon, apply_release_gateway
 from partitions.state_machine.purge_instance import apply_get_children, apply_purge
 from partitions.state_machine.queries import apply_get_instance, apply_wait
@@ -39,20 +53,26 @@ Handler = Callable[[Ctx, dict[str, Any]], None]
 # Commands from gateways (and the partition's own timers and lease checks).
 COMMANDS: dict[str, Handler] = {
     "abandon": apply_abandon,
+    "clean_entities": apply_clean_entities,
     "complete_act": apply_complete_activity,
+    "complete_ent": apply_complete_entity,
     "complete_orch": apply_complete_orchestration,
     "fire_timers": apply_fire_timers,
     "force_terminate": apply_force_terminate,
     "get": apply_get_instance,
     "get_children": apply_get_children,
+    "get_entity": apply_get_entity,
     "history": apply_history,
     "list_ids": apply_list_ids,
     "purge": apply_purge,
     "purge_filter": apply_purge_filter,
     "query": apply_query,
+    "query_entities": apply_query_entities,
     "raise": apply_raise_event,
     "release_gateway": apply_release_gateway,
+    "release_lock": apply_release_lock,
     "resume": apply_resume,
+    "signal_entity": apply_signal_entity,
     "rewind": apply_rewind,
     "start": apply_start_instance,
     "suspend": apply_suspend,
@@ -64,9 +84,13 @@ COMMANDS: dict[str, Handler] = {
 # Messages between instances, possibly on other partitions (delivered through the outbox).
 MESSAGES: dict[str, Handler] = {
     "child_done": apply_child_done,
+    "entity_msg": apply_entity_message,
+    "entity_result": apply_entity_result,
+    "lock_granted": apply_lock_granted,
     "raise": apply_raise_event,
     "rewind_child": apply_rewind_child,
     "start_child": apply_start_child,
+    "start_orch": apply_start_orchestration,
     "terminate": apply_terminate,
 }
 

@@ -23,7 +23,8 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
 
 
 def timestamp_ms(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
+    """Milliseconds since the epoch, clamped to what timer keys can hold (a worker's timestamp is input)."""
+    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), (1 << 63) - 1)
 
 
 def string_value(value: str | None) -> wrappers_pb2.StringValue | None:

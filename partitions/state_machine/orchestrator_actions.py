@@ -98,6 +98,28 @@ def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) 
     ctx.queue_activity(activity)
 
 
+def _apply_send_entity_message(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
+    """Signal, call, lock request or unlock: confirmed in history, then sent to the entity's partition."""
+    message = action.sendEntityMessage
+    which = message.WhichOneof("EntityMessageType")
+    if which is None:
+        return
+    inner = getattr(message, which)
+    out.confirm(ctx, action.id, **{which: inner})
+    if which == "entityLockRequested":
+        target = inner.lockSet[inner.position] if 0 <= inner.position < len(inner.lockSet) else ""
+    else:
+        target = inner.targetInstanceId.value
+    if not target:
+        return
+    at = ev.timestamp_ms(inner.scheduledTime) if which in _TIMED and inner.HasField("scheduledTime") else 0
+    event = ev.history_event(ctx.now_ms, **{which: inner}).SerializeToString()
+    ctx.send_to_instance(target, {"op": "entity_msg", "ev": event, "at": at})
+
+
+_TIMED = ("entityOperationSignaled", "entityOperationCalled")
+
+
 def _apply_send_event(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
     send = action.sendEvent
     target = send.instance.instanceId
@@ -118,7 +140,7 @@ def _apply_terminate_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestrat
         ctx.send_to_instance(term.instanceId, {"op": "terminate", "out": reason, "r": term.recurse, "quiet": True})
 
 
-UNSUPPORTED = frozenset({"sendEntityMessage"})
+UNSUPPORTED: frozenset[str] = frozenset()
 
 HANDLERS: dict[str, Callable[[Ctx, Outcome, pb.OrchestratorAction], None]] = {
     "completeOrchestration": _apply_complete_orchestration,
@@ -126,6 +148,7 @@ HANDLERS: dict[str, Callable[[Ctx, Outcome, pb.OrchestratorAction], None]] = {
     "createTimer": _apply_create_timer,
     "scheduleTask": _apply_schedule_task,
     "rewindOrchestration": lambda ctx, out, action: None,  # handled before any other action
+    "sendEntityMessage": _apply_send_entity_message,
     "sendEvent": _apply_send_event,
     "terminateOrchestration": _apply_terminate_orchestration,
 }

@@ -17,8 +17,8 @@ class Lease:
     """A dispatched work item: who holds it, until when, and what it was given."""
 
     token: str
-    kind: str  # "o" orchestration, "a" activity
-    key: str | int  # instance id for orchestrations, queue seq for activities
+    kind: str  # "o" orchestration, "a" activity, "e" entity
+    key: str | int  # instance id for orchestrations and entities, queue seq for activities
     gateway: bytes
     expires_ms: int
     started_event: bytes = b""  # orchestratorStarted given as the first new event
@@ -47,9 +47,11 @@ class CoreState:
     outbox_seq: dict[int, int] = field(default_factory=dict)
     orch_leases: dict[str, Lease] = field(default_factory=dict)
     act_leases: dict[int, Lease] = field(default_factory=dict)
+    ent_leases: dict[str, Lease] = field(default_factory=dict)
     leases_by_token: dict[str, Lease] = field(default_factory=dict)
     orch_cursor: int = 0  # orch_ready rows at or before this seq have been dispatched
     act_cursor: int = 0
+    ent_cursor: int = 0
     next_token: int = 0
     waiters: dict[str, list[Waiter]] = field(default_factory=dict)
     dirty_counters: bool = False
@@ -87,16 +89,13 @@ class CoreState:
             if raw:
                 self.outbox_seq[destination] = keys.unpack_u64(raw)
 
+    def leases_of(self, kind: str) -> dict:  # type: ignore[type-arg]
+        return {"o": self.orch_leases, "a": self.act_leases, "e": self.ent_leases}[kind]
+
     def add_lease(self, lease: Lease) -> None:
         self.leases_by_token[lease.token] = lease
-        if lease.kind == "o":
-            self.orch_leases[lease.key] = lease  # type: ignore[index]
-        else:
-            self.act_leases[lease.key] = lease  # type: ignore[index]
+        self.leases_of(lease.kind)[lease.key] = lease
 
     def release(self, lease: Lease) -> None:
         self.leases_by_token.pop(lease.token, None)
-        if lease.kind == "o":
-            self.orch_leases.pop(lease.key, None)  # type: ignore[arg-type]
-        else:
-            self.act_leases.pop(lease.key, None)  # type: ignore[arg-type]
+        self.leases_of(lease.kind).pop(lease.key, None)

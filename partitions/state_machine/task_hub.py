@@ -19,6 +19,8 @@ WIPED_TABLES = (
     "idx_created",
     "idx_status",
     "idx_completed",
+    "entities",
+    "ent_ready",
 )
 
 
@@ -29,8 +31,9 @@ def apply_wipe(ctx: Ctx, cmd: dict[str, Any]) -> None:
     state = ctx.state
     state.orch_leases.clear()
     state.act_leases.clear()
+    state.ent_leases.clear()
     state.leases_by_token.clear()
-    state.orch_cursor = state.act_cursor = 0
+    state.orch_cursor = state.act_cursor = state.ent_cursor = 0
     for waiters in state.waiters.values():
         for waiter in waiters:
             ctx.actions.append(Reply(waiter.sender, waiter.request_id, None))

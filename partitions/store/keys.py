@@ -19,6 +19,8 @@ TABLES = (
     "idx_created",  # u64 created_ms, id -> b"" (queries and purge by created time)
     "idx_status",  # u8 status, u64 created_ms, id -> b"" (queries by status)
     "idx_completed",  # u64 completed_ms, id -> u8 status (ListInstanceIds by completed time)
+    "entities",  # entity id (@name@key) -> msgpack entity record; its queued operations live in inbox
+    "ent_ready",  # u64 seq -> entity id with operations to dispatch
 )
 
 _U16 = struct.Struct(">H")
@@ -29,6 +31,11 @@ _TIMER_SUFFIX = struct.Struct(">i")
 
 SCHEDULED_START_TIMER_ID = -1  # a timer row that releases a held instance (scheduled start, abandon backoff)
 ACTIVITY_RETRY_TIMER_BASE = -2  # timer id -2 - task id: an abandoned activity goes back to the queue
+ENTITY_SIGNAL_TIMER_BASE = -(1 << 31)  # timer ids below -2**30: a scheduled entity signal
+
+
+def is_entity_signal_timer(timer_id: int) -> bool:
+    return timer_id < -(1 << 30)
 
 META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"

@@ -78,6 +78,8 @@ class StoreTxn:
         self._idx_created = dbs["idx_created"]
         self._idx_status = dbs["idx_status"]
         self._idx_completed = dbs["idx_completed"]
+        self._entities = dbs["entities"]
+        self._ent_ready = dbs["ent_ready"]
         self.dbs = dbs
 
     def child(self) -> StoreTxn:
@@ -245,6 +247,42 @@ class StoreTxn:
 
     def put_dedup(self, sender: int, seq: int) -> None:
         self.txn.put(keys.partition_key(sender), keys.pack_u64(seq), db=self._dedup)
+
+    # entities
+    def get_entity(self, entity_id: str) -> dict[str, Any] | None:
+        raw = self.txn.get(entity_id.encode("utf-8"), db=self._entities)
+        return None if raw is None else unpack(raw)
+
+    def put_entity(self, entity_id: str, record: dict[str, Any]) -> None:
+        self.txn.put(entity_id.encode("utf-8"), pack(record), db=self._entities)
+
+    def delete_entity(self, entity_id: str) -> None:
+        self.txn.delete(entity_id.encode("utf-8"), db=self._entities)
+
+    def scan_entities(self, prefix: str, after: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(id, record) in id order, for ids starting with `prefix` and greater than `after`."""
+        raw_prefix = prefix.encode("utf-8")
+        start = max(raw_prefix, after.encode("utf-8") + b"\x00") if after else raw_prefix
+        for key, value in self._items_from(self._entities, start):
+            if not key.startswith(raw_prefix):
+                return
+            yield key.decode("utf-8"), unpack(value)
+
+    def put_ent_ready(self, seq: int, entity_id: str) -> None:
+        self.txn.put(keys.seq_key(seq), entity_id.encode("utf-8"), db=self._ent_ready)
+
+    def delete_ent_ready(self, seq: int) -> None:
+        self.txn.delete(keys.seq_key(seq), db=self._ent_ready)
+
+    def ent_ready_after(self, seq: int) -> Iterator[tuple[int, str]]:
+        for key, value in self._items_from(self._ent_ready, keys.seq_key(seq + 1)):
+            yield keys.seq_from_key(key), value.decode("utf-8")
+
+    def ent_ready_count(self) -> int:
+        return self.txn.stat(self._ent_ready)["entries"]
+
+    def inbox_count(self, instance_id: str) -> int:
+        return sum(1 for _ in self._values_with_prefix(self._inbox, keys.instance_prefix(instance_id)))
 
     # secondary indexes
     def index_instance(self, instance_id: str, old: list[int] | None, new: list[int] | None) -> None:

@@ -31,17 +31,21 @@ _MAX_PURGE_DEPTH = 64
 _HISTORY_CHUNK_BYTES = 1 << 20
 
 
+_MAX_MS = (1 << 63) - 1
+
+
 def _ms(message: Any, name: str) -> int | None:
+    """A Timestamp field in ms, clamped to what the indexes can hold (before 1970 counts as 0)."""
     if not message.HasField(name):
         return None
     ts = getattr(message, name)
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
+    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), _MAX_MS)
 
 
 def _parse_token(token: str) -> list[Any]:
     """Continuation tokens are '<ms>:<instance id>' of the last item returned."""
     ms, sep, instance_id = token.partition(":")
-    if not sep or not ms.isdigit():
+    if not sep or not ms.isdigit() or int(ms) > _MAX_MS:
         raise InvalidArgumentError(f"malformed continuation token '{token}'")
     return [int(ms), instance_id]
 
@@ -195,6 +199,46 @@ class Management:
                 f"{what} would delete every instance; start the node with --allow-task-hub-deletion to permit it"
             )
         await self._all({"op": "wipe"}, timeout)
+
+    async def query_entities(self, query: pb.EntityQuery, timeout: float) -> pb.QueryEntitiesResponse:
+        """Entities of every partition merged in id order; the continuation token is the last id."""
+        limit = min(query.pageSize.value if query.HasField("pageSize") and query.pageSize.value > 0 else MAX_PAGE, MAX_PAGE)
+        command = {
+            "op": "query_entities",
+            "prefix": query.instanceIdStartsWith.value if query.HasField("instanceIdStartsWith") else "@",
+            "after": query.continuationToken.value if query.HasField("continuationToken") else "",
+            "lf": _ms(query, "lastModifiedFrom"),
+            "lt": _ms(query, "lastModifiedTo"),
+            "st": query.includeState,
+            "tr": query.includeTransient,
+            "limit": limit,
+        }
+        if not command["prefix"].startswith("@"):
+            command["prefix"] = "@" + command["prefix"]
+        pages = await self._all(command, timeout)
+        merged = list(heapq.merge(*pages, key=lambda m: m["i"]))
+        page = merged[:limit]
+        more = len(merged) > limit or any(len(p) >= limit for p in pages)
+        token = wrappers_pb2.StringValue(value=page[-1]["i"]) if more and page else None
+        return pb.QueryEntitiesResponse(
+            entities=[translate.entity_metadata(m) for m in page], continuationToken=token
+        )
+
+    async def clean_entities(self, request: pb.CleanEntityStorageRequest, timeout: float) -> pb.CleanEntityStorageResponse:
+        """Remove empty entities; release locks whose owning orchestration no longer runs."""
+        results = await self._all({"op": "clean_entities", "empty": request.removeEmptyEntities}, timeout)
+        released = 0
+        if request.releaseOrphanedLocks:
+            for entity_id, owner in (lock for result in results for lock in result["locks"]):
+                state = await self.client.request(self.client.partition_of(owner), {"op": "get", "i": owner}, timeout)
+                if state is None or state["s"] in TERMINAL_STATUSES:
+                    answer = await self.client.request(
+                        self.client.partition_of(entity_id), {"op": "release_lock", "i": entity_id, "owner": owner}, timeout
+                    )
+                    released += int(answer["released"])
+        return pb.CleanEntityStorageResponse(
+            emptyEntitiesRemoved=sum(r["removed"] for r in results), orphanedLocksReleased=released
+        )
 
     async def history(self, request: pb.StreamInstanceHistoryRequest, timeout: float) -> AsyncIterator[bytes]:
         """The committed history in chunks of about 1 MiB, as serialized HistoryChunk messages."""

@@ -76,10 +76,10 @@ class PartitionClient:
                 if op == "reply":
                     self._resolve(message)
                 elif op == "hb":
-                    self._note_epoch(partition, int(message["e"]))
+                    self._note_epoch(partition, int(message["ep"]))
                 else:
-                    if "e" in message:
-                        self._note_epoch(partition, int(message["e"]))
+                    if "ep" in message:
+                        self._note_epoch(partition, int(message["ep"]))
                     self._on_message(partition, message)
 
     def _resolve(self, message: Message) -> None:

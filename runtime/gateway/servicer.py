@@ -210,6 +210,7 @@ class Servicer:
             limits={
                 "o": request.maxConcurrentOrchestrationWorkItems or DEFAULT_WORK_ITEM_LIMIT,
                 "a": request.maxConcurrentActivityWorkItems or DEFAULT_WORK_ITEM_LIMIT,
+                "e": request.maxConcurrentEntityWorkItems or DEFAULT_WORK_ITEM_LIMIT,
             }
         )
         self.dispatcher.add_stream(stream)
@@ -259,6 +260,42 @@ class Servicer:
         self.dispatcher.completed(request.completionToken)
         await self._call(command, context)
         return pb.CompleteTaskResponse()
+
+    @rpc(pb.EntityBatchResult)
+    async def CompleteEntityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
+        partition = _partition_of_token(request.completionToken, self.config.partitions)
+        self.dispatcher.completed(request.completionToken)
+        command = {"op": "complete_ent", "tok": request.completionToken, "resp": raw}
+        await self.client.request(partition, command, self._timeout(context))
+        return pb.CompleteTaskResponse()
+
+    @rpc(pb.AbandonEntityTaskRequest)
+    async def AbandonTaskEntityWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:
+        await self._abandon(request.completionToken, context)
+        return pb.AbandonEntityTaskResponse()
+
+    # entity client RPCs
+    @rpc(pb.SignalEntityRequest)
+    async def SignalEntity(self, request: Any, context: Any, raw: bytes) -> pb.SignalEntityResponse:
+        await self._call(translate.signal_entity(request, self.config), context)
+        return pb.SignalEntityResponse()
+
+    @rpc(pb.GetEntityRequest)
+    async def GetEntity(self, request: Any, context: Any, raw: bytes) -> pb.GetEntityResponse:
+        translate.check_entity_id(request.instanceId, self.config)
+        command = {"op": "get_entity", "i": request.instanceId, "st": request.includeState}
+        metadata = await self._call(command, context)
+        if metadata is None:
+            return pb.GetEntityResponse(exists=False)
+        return pb.GetEntityResponse(exists=True, entity=translate.entity_metadata(metadata))
+
+    @rpc(pb.QueryEntitiesRequest)
+    async def QueryEntities(self, request: Any, context: Any, raw: bytes) -> pb.QueryEntitiesResponse:
+        return await self.management.query_entities(request.query, self._timeout(context))
+
+    @rpc(pb.CleanEntityStorageRequest)
+    async def CleanEntityStorage(self, request: Any, context: Any, raw: bytes) -> pb.CleanEntityStorageResponse:
+        return await self.management.clean_entities(request, self._timeout(context))
 
     @rpc(pb.AbandonOrchestrationTaskRequest)
     async def AbandonTaskOrchestratorWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:

@@ -14,8 +14,12 @@ from runtime.errors import InvalidArgumentError
 Command = dict[str, Any]
 
 
+_MAX_MS = (1 << 63) - 1
+
+
 def _ms(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
+    """Milliseconds since the epoch, clamped to what timer and index keys can hold."""
+    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), _MAX_MS)
 
 
 def _ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
@@ -45,9 +49,19 @@ def check_instance_id(instance_id: str, config: Config, what: str = "instance id
     return instance_id
 
 
+def check_entity_id(entity_id: str, config: Config) -> str:
+    """Entity instance ids read `@name@key`."""
+    check_instance_id(entity_id, config, "entity instance id")
+    if not entity_id.startswith("@") or "@" not in entity_id[1:]:
+        raise InvalidArgumentError(f"entity instance id '{entity_id}' must have the form @name@key")
+    return entity_id
+
+
 def start_instance(request: pb.CreateInstanceRequest, config: Config) -> Command:
     instance_id = request.instanceId or uuid.uuid4().hex
     check_instance_id(instance_id, config)
+    if instance_id.startswith("@"):
+        raise InvalidArgumentError("orchestration instance ids must not start with '@' (reserved for entities)")
     if not request.name:
         raise InvalidArgumentError("orchestration name must not be empty")
     command: Command = {
@@ -108,6 +122,30 @@ def complete_activity(request: pb.ActivityResponse, config: Config) -> Command:
         "out": _opt(request, "result"),
         "fd": request.failureDetails.SerializeToString() if failed else None,
     }
+
+
+def signal_entity(request: pb.SignalEntityRequest, config: Config) -> Command:
+    check_entity_id(request.instanceId, config)
+    if not request.name:
+        raise InvalidArgumentError("entity operation name must not be empty")
+    return {
+        "op": "signal_entity",
+        "i": request.instanceId,
+        "n": request.name,
+        "in": _opt(request, "input"),
+        "req": request.requestId or uuid.uuid4().hex,
+        "at": _ms(request.scheduledTime) if request.HasField("scheduledTime") else 0,
+    }
+
+
+def entity_metadata(metadata: dict[str, Any]) -> pb.EntityMetadata:
+    return pb.EntityMetadata(
+        instanceId=metadata["i"],
+        lastModifiedTime=_ts(metadata["lm"]),
+        backlogQueueSize=metadata["q"],
+        lockedBy=_sv(metadata.get("lo")),
+        serializedState=_sv(metadata.get("st")),
+    )
 
 
 def orchestration_state(state: dict[str, Any]) -> pb.OrchestrationState:

@@ -20,7 +20,7 @@ from runtime.router.channel import Message
 
 log = logging.getLogger(__name__)
 
-KINDS = ("o", "a")
+KINDS = ("o", "a", "e")  # orchestrations, activities, entities
 
 
 @dataclass(eq=False)

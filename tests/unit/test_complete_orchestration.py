@@ -63,7 +63,7 @@ def test_schedule_task_confirms_with_task_scheduled_and_queues_the_activity(core
         ("a", "x1", 7, "Greet", '"Tokyo"'),
         ("a", "x1", 8, "Greet", '"Paris"'),
     ]
-    assert core.demand() == {"o": 0, "a": 2}
+    assert core.demand() == {"o": 0, "a": 2, "e": 0}
 
 
 def test_create_timer_confirms_with_timer_created_and_stores_a_timer_row(core):
@@ -359,14 +359,14 @@ def test_stale_or_reused_token_is_rejected(core):
     assert core.status("a") == RUNNING
 
 
-def test_unsupported_action_fails_the_instance_and_applies_no_action(core):
+def test_unknown_action_fails_the_instance_and_applies_no_action(core):
     core.start("a")
-    entity = pb.OrchestratorAction(id=2, sendEntityMessage=pb.SendEntityMessageAction())
-    core.run_first("a", [schedule_task(1, "Act"), entity])
+    empty = pb.OrchestratorAction(id=2)  # no action type set
+    core.run_first("a", [schedule_task(1, "Act"), empty])
 
     record = core.record("a")
     assert record["s"] == FAILED
-    assert pb.TaskFailureDetails.FromString(record["fd"]).errorType == "UnsupportedAction"
+    assert pb.TaskFailureDetails.FromString(record["fd"]).errorType == "InvalidAction"
     assert core.activities() == []
     assert "taskScheduled" not in kinds(core.history("a"))
 

@@ -72,11 +72,11 @@ def test_an_in_flight_instance_is_not_dispatched_twice(core):
 def test_dispatch_respects_the_limit_oldest_first(core):
     for name in ("c", "a", "b"):
         core.start(name)
-    assert core.demand() == {"o": 3, "a": 0}
+    assert core.demand() == {"o": 3, "a": 0, "e": 0}
 
     first = core.dispatch_orch(limit=2)
     assert [i.orchestratorRequest.instanceId for _, i in first] == ["c", "a"]
-    assert core.demand() == {"o": 1, "a": 0}
+    assert core.demand() == {"o": 1, "a": 0, "e": 0}
     rest = core.dispatch_orch(limit=2)
     assert [i.orchestratorRequest.instanceId for _, i in rest] == ["b"]
     assert len({t for t, _ in first + rest}) == 3  # distinct tokens

@@ -1,0 +1,255 @@
+"""Durable entities: queued operations, critical-section locks, batches, and results routed back.
+
+An entity (`@name@key`) lives on the partition its id hashes to. Its operations wait in the inbox
+like an orchestration's events. The SDK only runs operations; the engine itself handles locks:
+a lock request locks the entity and travels on to the next entity of the (sorted) lock set, and the
+last one grants the lock to the orchestration. While locked, only calls from the lock owner run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partitions.state_machine import actions as act
+from partitions.state_machine import events as ev
+from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.start_instance import create_instance
+from partitions.store.keys import ENTITY_SIGNAL_TIMER_BASE
+from protos import orchestrator_service_pb2 as pb
+from runtime.errors import StaleCompletionError
+
+MAX_BATCH = 100
+_OPERATIONS = ("entityOperationSignaled", "entityOperationCalled")
+
+
+def _load(ctx: Ctx, entity_id: str) -> Record:
+    return ctx.txn.get_entity(entity_id) or {"st": None, "lm": ctx.now_ms, "lk": None, "lo": None, "rq": 0}
+
+
+def _save(ctx: Ctx, entity_id: str, record: Record) -> None:
+    """Entities with no state, no lock and no queued work stop existing."""
+    if record["st"] is None and not record["lk"] and not record["rq"] and not ctx.txn.inbox(entity_id):
+        ctx.txn.delete_entity(entity_id)
+    else:
+        ctx.txn.put_entity(entity_id, record)
+
+
+def _runnable(record: Record, event: pb.HistoryEvent) -> bool:
+    if not record["lk"]:
+        return True
+    return event.HasField("entityOperationCalled") and event.entityOperationCalled.parentInstanceId.value == record["lo"]
+
+
+def runnable_operations(record: Record, inbox: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The operations the next batch may run, in queue order: up to the next lock request or unlock."""
+    batch = []
+    for key, raw in inbox:
+        event = pb.HistoryEvent.FromString(raw)
+        kind = event.WhichOneof("eventType")
+        if kind not in _OPERATIONS:
+            if record["lk"]:
+                continue  # requests from others wait; the owner's own unlock follows its calls
+            break
+        if _runnable(record, event):
+            batch.append((key, raw))
+            if len(batch) >= MAX_BATCH:
+                break
+    return batch
+
+
+def advance(ctx: Ctx, entity_id: str, record: Record) -> None:
+    """Apply queued lock requests and unlocks that are due, then queue the entity if it has work."""
+    if entity_id in ctx.state.ent_leases:
+        return  # a batch is running: look again when it completes
+    for _ in range(10_000):
+        if not _step_locks(ctx, entity_id, record):
+            break
+    if record["rq"]:
+        ctx.txn.delete_ent_ready(record["rq"])
+        record["rq"] = 0
+    if runnable_operations(record, ctx.txn.inbox(entity_id)):
+        record["rq"] = ctx.state.next_seq()
+        ctx.txn.put_ent_ready(record["rq"], entity_id)
+        ctx.actions.append(act.WorkAvailable())
+
+
+def _step_locks(ctx: Ctx, entity_id: str, record: Record) -> bool:
+    """Handle the first lock message that can take effect now; False when there is none."""
+    operations_first = False
+    for key, raw in ctx.txn.inbox(entity_id):
+        event = pb.HistoryEvent.FromString(raw)
+        kind = event.WhichOneof("eventType")
+        if kind == "entityUnlockSent":
+            if record["lk"] == event.entityUnlockSent.criticalSectionId:
+                record["lk"] = record["lo"] = None
+            elif record["lk"]:
+                continue  # an unlock for a section this entity is not in: leave it queued
+            ctx.txn.delete_inbox_key(key)  # a release, or a stray unlock for no lock at all
+            return True
+        if kind == "entityLockRequested":
+            if record["lk"] or operations_first:
+                continue
+            ctx.txn.delete_inbox_key(key)
+            _lock(ctx, record, event.entityLockRequested)
+            return True
+        if kind in _OPERATIONS and not record["lk"]:
+            operations_first = True  # queue order: these run before any later lock request
+    return False
+
+
+def _lock(ctx: Ctx, record: Record, request: pb.EntityLockRequestedEvent) -> None:
+    record["lk"] = request.criticalSectionId
+    record["lo"] = request.parentInstanceId.value
+    following = request.position + 1
+    if following < len(request.lockSet):
+        forwarded = pb.EntityLockRequestedEvent()
+        forwarded.CopyFrom(request)
+        forwarded.position = following
+        event = ev.history_event(ctx.now_ms, entityLockRequested=forwarded).SerializeToString()
+        ctx.send_to_instance(request.lockSet[following], {"op": "entity_msg", "ev": event})
+    else:
+        ctx.send_to_instance(request.parentInstanceId.value, {"op": "lock_granted", "cs": request.criticalSectionId})
+
+
+def apply_entity_message(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """An operation, lock request or unlock for an entity of this partition (possibly for later)."""
+    entity_id = cmd["i"]
+    if cmd.get("at", 0) > ctx.now_ms:
+        timer_id = ENTITY_SIGNAL_TIMER_BASE + (ctx.state.next_seq() & 0x3FFFFFFF)
+        ctx.txn.put_timer(cmd["at"], entity_id, timer_id, {"ev": cmd["ev"]})
+        ctx.actions.append(act.TimerScheduled(cmd["at"]))
+        return
+    record = _load(ctx, entity_id)
+    ctx.txn.put_inbox(entity_id, ctx.state.next_seq(), cmd["ev"])
+    advance(ctx, entity_id, record)
+    _save(ctx, entity_id, record)
+
+
+def apply_signal_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """The client's SignalEntity."""
+    signaled = pb.EntityOperationSignaledEvent(
+        requestId=cmd["req"], operation=cmd["n"], input=ev.string_value(cmd.get("in")),
+        targetInstanceId=ev.string_value(cmd["i"]),
+    )
+    if cmd.get("at"):
+        signaled.scheduledTime.CopyFrom(ev.timestamp(cmd["at"]))
+    event = ev.history_event(ctx.now_ms, entityOperationSignaled=signaled).SerializeToString()
+    apply_entity_message(ctx, {"i": cmd["i"], "ev": event, "at": cmd.get("at", 0)})
+    ctx.reply(cmd)
+
+
+def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """CompleteEntityTask: new state, results to callers, signals and new orchestrations sent on."""
+    lease = ctx.state.leases_by_token.get(cmd.get("tok", ""))
+    if lease is None or lease.kind != "e":
+        raise StaleCompletionError(f"completion token '{cmd.get('tok', '')}' is not a current entity lease")
+    result = pb.EntityBatchResult.FromString(cmd["resp"])
+    entity_id = lease.key
+    assert isinstance(entity_id, str)
+    ctx.state.release(lease)
+    record = _load(ctx, entity_id)
+    dispatched = []
+    for key in lease.inbox_keys:
+        raw = ctx.txn.get_inbox_key(key)
+        if raw is not None:
+            dispatched.append(pb.HistoryEvent.FromString(raw))
+            ctx.txn.delete_inbox_key(key)
+    batch_failed = result.HasField("failureDetails") and not result.results
+    if not batch_failed:
+        record["st"] = result.entityState.value if result.HasField("entityState") else None
+    record["lm"] = ctx.now_ms
+    for index, event in enumerate(dispatched):
+        if event.HasField("entityOperationCalled"):
+            outcome = result.results[index] if index < len(result.results) else None
+            _answer_call(ctx, event.entityOperationCalled, outcome, result.failureDetails if batch_failed else None)
+    for action in result.actions:
+        _apply_operation_action(ctx, action)
+    advance(ctx, entity_id, record)
+    _save(ctx, entity_id, record)
+    ctx.reply(cmd)
+
+
+def _answer_call(
+    ctx: Ctx, called: pb.EntityOperationCalledEvent, outcome: pb.OperationResult | None, batch_failure: Any
+) -> None:
+    message: dict[str, Any] = {"op": "entity_result", "x": called.parentExecutionId.value, "req": called.requestId}
+    if outcome is not None and outcome.HasField("success"):
+        message["out"] = outcome.success.result.value if outcome.success.HasField("result") else None
+    elif outcome is not None and outcome.HasField("failure"):
+        message["fd"] = outcome.failure.failureDetails.SerializeToString()
+    else:
+        details = batch_failure if batch_failure is not None else pb.TaskFailureDetails(
+            errorType="EntityBatchFailed", errorMessage="the entity batch returned no result for this operation"
+        )
+        message["fd"] = details.SerializeToString()
+    ctx.send_to_instance(called.parentInstanceId.value, message)
+
+
+def _apply_operation_action(ctx: Ctx, action: pb.OperationAction) -> None:
+    if action.HasField("sendSignal"):
+        signal = action.sendSignal
+        signaled = pb.EntityOperationSignaledEvent(
+            requestId=f"{signal.instanceId}:{ctx.state.next_seq()}", operation=signal.name,
+            input=signal.input if signal.HasField("input") else None,
+            scheduledTime=signal.scheduledTime if signal.HasField("scheduledTime") else None,
+            targetInstanceId=ev.string_value(signal.instanceId),
+        )
+        event = ev.history_event(ctx.now_ms, entityOperationSignaled=signaled).SerializeToString()
+        at = ev.timestamp_ms(signal.scheduledTime) if signal.HasField("scheduledTime") else 0
+        ctx.send_to_instance(signal.instanceId, {"op": "entity_msg", "ev": event, "at": at})
+    elif action.HasField("startNewOrchestration"):
+        start = action.startNewOrchestration
+        ctx.send_to_instance(
+            start.instanceId or f"{ctx.state.partition}-{ctx.now_ms}-{ctx.state.next_seq()}",
+            {
+                "op": "start_orch",
+                "n": start.name,
+                "v": start.version.value if start.HasField("version") else None,
+                "in": start.input.value if start.HasField("input") else None,
+                "ss": ev.timestamp_ms(start.scheduledTime) if start.HasField("scheduledTime") else 0,
+            },
+        )
+
+
+def apply_start_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """An entity's startNewOrchestration: create the instance unless one with that id exists."""
+    if ctx.load(cmd["i"]) is None:
+        create_instance(ctx, cmd["i"], cmd, parent=None)
+
+
+def apply_entity_result(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """An entity answered a call: entityOperationCompleted/Failed for the calling orchestration."""
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if record is None or record["s"] in ev.TERMINAL or (cmd.get("x") and cmd["x"] != record["x"]):
+        return
+    if cmd.get("fd") is not None:
+        failed = pb.EntityOperationFailedEvent(requestId=cmd["req"], failureDetails=pb.TaskFailureDetails.FromString(cmd["fd"]))
+        event = ev.history_event(ctx.now_ms, entityOperationFailed=failed)
+    else:
+        completed = pb.EntityOperationCompletedEvent(requestId=cmd["req"], output=ev.string_value(cmd.get("out")))
+        event = ev.history_event(ctx.now_ms, entityOperationCompleted=completed)
+    ctx.enqueue_event(instance_id, record, event.SerializeToString())
+    ctx.save(instance_id, record)
+
+
+def apply_lock_granted(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if record is None or record["s"] in ev.TERMINAL:
+        return
+    granted = pb.EntityLockGrantedEvent(criticalSectionId=cmd["cs"])
+    ctx.enqueue_event(instance_id, record, ev.history_event(ctx.now_ms, entityLockGranted=granted).SerializeToString())
+    ctx.save(instance_id, record)
+
+
+def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """CleanEntityStorage: a lock whose owner no longer runs is released (if it is still that lock)."""
+    record = ctx.txn.get_entity(cmd["i"])
+    released = record is not None and record["lk"] is not None and record["lo"] == cmd["owner"]
+    if released:
+        assert record is not None
+        record["lk"] = record["lo"] = None
+        advance(ctx, cmd["i"], record)
+        _save(ctx, cmd["i"], record)
+    ctx.reply(cmd, {"released": released})
