@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -78,7 +79,7 @@ def fields(pairs: list[tuple[str, str | None]]) -> str:
     """'Label:  value' lines for the values that are set."""
     width = max(len(k) for k, _ in pairs) + 2
     pairs = [(k, v) for k, v in pairs if v not in (None, "")]
-    return "\n".join(f"{(k + ':').ljust(width)}{v}" for k, v in pairs)
+    return "\n".join(f"{(k + ':').ljust(width)}{v}".replace("\n", "\n" + " " * width) for k, v in pairs)
 
 
 def failure_text(fd: pb.TaskFailureDetails) -> str:
@@ -218,27 +219,21 @@ class Admin:
 
 
 def read_token(args: argparse.Namespace) -> str:
-    if args.api_token_file:
-        with open(args.api_token_file, encoding="utf-8") as f:
-            return f.read().strip()
-    return args.api_token or ""
+    return Path(args.api_token_file).read_text(encoding="utf-8").strip() if args.api_token_file else args.api_token
 
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", -1)]
     if not args.tls_ca_file:
         return grpc.insecure_channel(args.address, options=options)
-    with open(args.tls_ca_file, "rb") as f:
-        root = f.read()
-    chain = key = None
-    if args.tls_client_cert_file:
-        with open(args.tls_client_cert_file, "rb") as f:
-            chain = f.read()
-        with open(args.tls_client_key_file, "rb") as f:
-            key = f.read()
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-    creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+    client = args.tls_client_cert_file and args.tls_client_key_file
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.tls_ca_file).read_bytes(),
+        private_key=Path(args.tls_client_key_file).read_bytes() if client else None,
+        certificate_chain=Path(args.tls_client_cert_file).read_bytes() if client else None,
+    )
     return grpc.secure_channel(args.address, creds, options=options)
 
 
@@ -349,6 +344,8 @@ def cmd_purge(admin: Admin, a: argparse.Namespace) -> None:
         emit_json({"deletedInstanceCount": res.deletedInstanceCount, "isComplete": complete})
         return
     print(f"purged {res.deletedInstanceCount} instance(s)")
+    if a.id is not None and not res.deletedInstanceCount:
+        print("(only an existing instance in a terminal state is purged)", file=sys.stderr)
     if not complete:
         print("purge incomplete (time ran out): run the command again", file=sys.stderr)
 
@@ -455,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", help="instance id" if group is inst else "entity id, e.g. @counter@key")
         return p
 
-    p = sub(inst, "list", cmd_list, "list instances, oldest first", with_id=False)
+    p = sub(inst, "list", cmd_list, "list instances: oldest first, or by id with --prefix", with_id=False)
     filter_options(p)
     p.add_argument("--prefix", help="instance id prefix")
     p.add_argument("--limit", type=positive_int, default=100, help="most instances shown (default %(default)s)")

@@ -28,34 +28,38 @@ def _after(point: list[Any] | None) -> tuple[int, str]:
 def _created_candidates(txn: StoreTxn, cmd: dict[str, Any]) -> Iterator[tuple[int, str]]:
     """Instances in (created_ms, id) order within the created range, from the cheapest index."""
     start, end = cmd.get("cf") or 0, cmd.get("ct") or _FOREVER_MS
-    after_ms, _ = _after(cmd.get("after"))
-    start = max(start, after_ms)
-    prefix = cmd.get("prefix")
-    if prefix:  # a prefix range of the instances table is usually far smaller than a time range
-        found = []
-        for instance_id in txn.scan_instance_ids(prefix):
-            record = txn.get_instance(instance_id)
-            if record is not None and start <= record["c"] < end:
-                found.append((record["c"], instance_id))
-        yield from sorted(found)
-    elif cmd.get("statuses"):
+    start = max(start, _after(cmd.get("after"))[0])
+    if cmd.get("statuses"):
         yield from heapq.merge(*(txn.scan_status(s, start, end) for s in set(cmd["statuses"])))
     else:
         yield from txn.scan_created(start, end)
 
 
+def _prefix_candidates(txn: StoreTxn, cmd: dict[str, Any]) -> Iterator[tuple[int, str]]:
+    """Instances with the id prefix in id order (prefix pages are ordered by id), after `after`."""
+    after_id = _after(cmd.get("after"))[1]
+    for instance_id in txn.scan_instance_ids(cmd["prefix"]):
+        if instance_id > after_id:
+            yield -1, instance_id
+
+
 def apply_query(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Up to `limit` instance states matching statuses, created range and id prefix, after `after`."""
+    """Up to `limit` instance states matching statuses, created range and id prefix, after `after`.
+
+    Pages are in (created_ms, id) order, or in id order when an id prefix is given.
+    """
+    by_prefix = bool(cmd.get("prefix"))
     after = _after(cmd.get("after"))
     statuses = set(cmd.get("statuses") or ())
+    start, end = cmd.get("cf") or 0, cmd.get("ct") or _FOREVER_MS
     limit = min(int(cmd.get("limit") or MAX_PAGE), MAX_PAGE)
-    prefix = cmd.get("prefix") or ""
+    candidates = _prefix_candidates(ctx.txn, cmd) if by_prefix else _created_candidates(ctx.txn, cmd)
     page = []
-    for created, instance_id in _created_candidates(ctx.txn, cmd):
-        if (created, instance_id) <= after or not instance_id.startswith(prefix):
+    for created, instance_id in candidates:
+        if not by_prefix and (created, instance_id) <= after:
             continue
         record = ctx.load(instance_id)
-        if record is None or (statuses and record["s"] not in statuses):
+        if record is None or (statuses and record["s"] not in statuses) or not start <= record["c"] < end:
             continue
         page.append(instance_state(instance_id, record, bool(cmd.get("pl"))))
         if len(page) >= limit:
@@ -81,9 +85,10 @@ def apply_list_ids(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 def apply_purge_filter(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """Purge one bounded batch of terminal instances in the created range; never a running one."""
-    statuses = set(cmd.get("statuses") or ()) or set(ev.TERMINAL)
+    statuses = (set(cmd.get("statuses") or ()) or set(ev.TERMINAL)) & ev.TERMINAL
     deleted, children, more = 0, [], False
-    for _, instance_id in list(_created_candidates(ctx.txn, {"cf": cmd.get("cf"), "ct": cmd.get("ct")})):
+    scan = {"cf": cmd.get("cf"), "ct": cmd.get("ct"), "statuses": sorted(statuses)}
+    for _, instance_id in list(_created_candidates(ctx.txn, scan)) if statuses else ():
         record = ctx.load(instance_id)
         if record is None or record["s"] not in ev.TERMINAL or record["s"] not in statuses:
             continue

@@ -43,11 +43,26 @@ def _ms(message: Any, name: str) -> int | None:
 
 
 def _parse_token(token: str) -> list[Any]:
-    """Continuation tokens are '<ms>:<instance id>' of the last item returned."""
+    """Continuation tokens are '<ms>:<instance id>' of the last item returned ('i:<id>' for prefix queries)."""
     ms, sep, instance_id = token.partition(":")
-    if not sep or not ms.isdigit() or int(ms) > _MAX_MS:
+    if ms == "i" and sep:
+        return [-1, instance_id]
+    if not sep or not (ms.isascii() and ms.isdigit()) or int(ms) > _MAX_MS:
         raise InvalidArgumentError(f"malformed continuation token '{token}'")
     return [int(ms), instance_id]
+
+
+def _statuses(values: Any) -> list[int]:
+    known = set(pb.OrchestrationStatus.values())
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise InvalidArgumentError(f"unknown runtime status value(s) {bad}")
+    return list(values)
+
+
+def _page_size(requested: int) -> int:
+    """Zero or a negative size means the default (and largest) page."""
+    return min(requested, MAX_PAGE) if requested > 0 else MAX_PAGE
 
 
 class Management:
@@ -62,32 +77,37 @@ class Management:
         )
 
     async def query_instances(self, query: pb.InstanceQuery, timeout: float) -> pb.QueryInstancesResponse:
-        limit = min(query.maxInstanceCount or MAX_PAGE, MAX_PAGE)
+        limit = _page_size(query.maxInstanceCount)
+        prefix = query.instanceIdPrefix.value if query.HasField("instanceIdPrefix") else None
         command = {
             "op": "query",
-            "statuses": list(query.runtimeStatus),
+            "statuses": _statuses(query.runtimeStatus),
             "cf": _ms(query, "createdTimeFrom"),
             "ct": _ms(query, "createdTimeTo"),
-            "prefix": query.instanceIdPrefix.value if query.HasField("instanceIdPrefix") else None,
+            "prefix": prefix,
             "after": _parse_token(query.continuationToken.value) if query.continuationToken.value else None,
             "limit": limit,
             "pl": query.fetchInputsAndOutputs,
         }
         pages = await self._all(command, timeout)
-        merged = list(heapq.merge(*pages, key=lambda s: (s["c"], s["i"])))
+        order = (lambda s: s["i"]) if prefix else (lambda s: (s["c"], s["i"]))
+        merged = list(heapq.merge(*pages, key=order))
         page = merged[:limit]
         more = len(merged) > limit or any(len(p) >= limit for p in pages)
-        token = wrappers_pb2.StringValue(value=f"{page[-1]['c']}:{page[-1]['i']}") if more and page else None
+        token = None
+        if more and page:
+            last = page[-1]
+            token = wrappers_pb2.StringValue(value=f"i:{last['i']}" if prefix else f"{last['c']}:{last['i']}")
         return pb.QueryInstancesResponse(
             orchestrationState=[translate.orchestration_state(s) for s in page], continuationToken=token
         )
 
     async def list_instance_ids(self, request: pb.ListInstanceIdsRequest, timeout: float) -> pb.ListInstanceIdsResponse:
-        limit = min(request.pageSize or MAX_PAGE, MAX_PAGE)
+        limit = _page_size(request.pageSize)
         last = request.lastInstanceKey.value if request.HasField("lastInstanceKey") else ""
         command = {
             "op": "list_ids",
-            "statuses": list(request.runtimeStatus),
+            "statuses": _statuses(request.runtimeStatus),
             "df": _ms(request, "completedTimeFrom"),
             "dt": _ms(request, "completedTimeTo"),
             "after": _parse_token(last) if last else None,
@@ -131,20 +151,20 @@ class Management:
             "op": "purge_filter",
             "cf": _ms(flt, "createdTimeFrom"),
             "ct": _ms(flt, "createdTimeTo"),
-            "statuses": list(flt.runtimeStatus),
+            "statuses": _statuses(flt.runtimeStatus),
         }
 
         async def drain(partition: int) -> tuple[int, bool]:
+            """The filter's timeout decides whether another batch starts; a started batch is awaited."""
             deleted = 0
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if time.monotonic() >= deadline:
                     return deleted, False
-                result = await self.client.request(partition, dict(command), remaining)
+                result = await self.client.request(partition, dict(command), timeout)
                 deleted += result["deleted"]
                 if recursive:
                     for child in result["children"]:
-                        deleted += await self.purge_instance(child, True, max(remaining, 0.001))
+                        deleted += await self.purge_instance(child, True, timeout)
                 if not result["more"]:
                     return deleted, True
 
@@ -202,7 +222,7 @@ class Management:
 
     async def query_entities(self, query: pb.EntityQuery, timeout: float) -> pb.QueryEntitiesResponse:
         """Entities of every partition merged in id order; the continuation token is the last id."""
-        limit = min(query.pageSize.value if query.HasField("pageSize") and query.pageSize.value > 0 else MAX_PAGE, MAX_PAGE)
+        limit = _page_size(query.pageSize.value if query.HasField("pageSize") else 0)
         command = {
             "op": "query_entities",
             "prefix": query.instanceIdStartsWith.value if query.HasField("instanceIdStartsWith") else "@",

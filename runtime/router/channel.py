@@ -44,6 +44,22 @@ def encode(batch: list[Message]) -> bytes:
     return msgpack.packb(batch, use_bin_type=True)
 
 
+def _encode_leniently(batch: list[Message]) -> bytes:
+    """Encode a batch; if one message cannot be encoded, drop only that one (and say so)."""
+    try:
+        return encode(batch)
+    except (TypeError, ValueError, OverflowError):
+        kept = []
+        for message in batch:
+            try:
+                encode([message])
+            except (TypeError, ValueError, OverflowError) as exc:
+                log.error("dropped a message that cannot be encoded (op %r): %s", message.get("op"), exc)
+                continue
+            kept.append(message)
+        return encode(kept)
+
+
 def decode(frame: bytes) -> list[Message]:
     batch = msgpack.unpackb(frame, raw=False)
     if not isinstance(batch, list):
@@ -276,7 +292,8 @@ class ZmqChannel:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         for to, batch in pending.items():
-            frames = [to, encode(batch)] if self._is_router else [encode(batch)]
+            payload = _encode_leniently(batch)
+            frames = [to, payload] if self._is_router else [payload]
             try:
                 self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
