@@ -6,6 +6,8 @@ message field on the wire is just tag, length and bytes, one after another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from partitions.state_machine import events as ev
 from partitions.state_machine.entities import runnable_operations
 from partitions.state_machine.state import CoreState, Lease
@@ -21,20 +23,55 @@ def _new_token(state: CoreState) -> str:
     return f"{state.partition}.{state.epoch}.{state.next_token}"
 
 
+Matcher = Callable[[str, str | None], bool] | None
+SCAN_BUDGET = 10_000  # ready rows one dispatch call looks at, at most
+
+
+class _Walk:
+    """Ready rows from the low-water mark on.
+
+    The mark only moves over rows that are leased (or stale), never past a row left for another
+    worker, so a worker with filters cannot hide work from the others.
+    """
+
+    def __init__(self, state: CoreState, attr: str) -> None:
+        self.state, self.attr, self.contiguous, self.seen = state, attr, True, 0
+
+    @property
+    def mark(self) -> int:
+        return getattr(self.state, self.attr)
+
+    def tick(self) -> bool:
+        self.seen += 1
+        return self.seen <= SCAN_BUDGET
+
+    def passed(self, seq: int) -> None:
+        if self.contiguous:
+            setattr(self.state, self.attr, seq)
+
+    def left(self) -> None:
+        self.contiguous = False
+
+
 def dispatch_orchestrations(
-    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int
+    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int, matches: Matcher = None
 ) -> list[tuple[str, bytes]]:
-    """Lease up to `limit` ready orchestrations to `gateway`, oldest first."""
+    """Lease up to `limit` ready orchestrations (that `matches` accepts) to `gateway`, oldest first."""
     items: list[tuple[str, bytes]] = []
-    for seq, instance_id in txn.orch_ready_after(state.orch_cursor):
-        if len(items) >= limit:
+    walk = _Walk(state, "orch_cursor")
+    for seq, instance_id in txn.orch_ready_after(walk.mark):
+        if len(items) >= limit or not walk.tick():
             break
-        state.orch_cursor = seq
         record = txn.get_instance(instance_id)
         if instance_id in state.orch_leases or record is None or record.get("rq") != seq:
+            walk.passed(seq)
+            continue
+        if matches is not None and not matches(record["n"], record.get("v")):
+            walk.left()
             continue
         inbox = txn.inbox(instance_id)[: 1 if record.get("rw") else MAX_NEW_EVENTS]
         if not inbox and not record.get("kick"):
+            walk.passed(seq)
             continue
         token = _new_token(state)
         started = ev.orchestrator_started(now_ms)
@@ -59,20 +96,25 @@ def dispatch_orchestrations(
                 execution_id=record["x"],
             )
         )
+        walk.passed(seq)
         items.append((token, length_delimited(1, request) + length_delimited(10, token.encode())))
     return items
 
 
 def dispatch_activities(
-    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int
+    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int, matches: Matcher = None
 ) -> list[tuple[str, bytes]]:
-    """Lease up to `limit` queued activities to `gateway`, oldest first."""
+    """Lease up to `limit` queued activities (that `matches` accepts) to `gateway`, oldest first."""
     items: list[tuple[str, bytes]] = []
-    for seq, activity in txn.activities_after(state.act_cursor):
-        if len(items) >= limit:
+    walk = _Walk(state, "act_cursor")
+    for seq, activity in txn.activities_after(walk.mark):
+        if len(items) >= limit or not walk.tick():
             break
-        state.act_cursor = seq
         if seq in state.act_leases:
+            walk.passed(seq)
+            continue
+        if matches is not None and not matches(activity["n"], activity.get("v")):
+            walk.left()
             continue
         token = _new_token(state)
         request = pb.ActivityRequest(
@@ -88,24 +130,35 @@ def dispatch_activities(
         if activity.get("tc"):
             request.parentTraceContext.ParseFromString(activity["tc"])
         state.add_lease(Lease(token=token, kind="a", key=seq, gateway=gateway, expires_ms=now_ms + lease_ms))
+        walk.passed(seq)
         items.append((token, pb.WorkItem(activityRequest=request, completionToken=token).SerializeToString()))
     return items
 
 
+def entity_name(entity_id: str) -> str:
+    """`@name@key` -> name."""
+    return entity_id[1:].split("@", 1)[0]
+
+
 def dispatch_entities(
-    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int
+    txn: StoreTxn, state: CoreState, gateway: bytes, limit: int, now_ms: int, lease_ms: int, matches: Matcher = None
 ) -> list[tuple[str, bytes]]:
     """Lease up to `limit` entities with runnable operations; each gets one batch (EntityRequest)."""
     items: list[tuple[str, bytes]] = []
-    for seq, entity_id in txn.ent_ready_after(state.ent_cursor):
-        if len(items) >= limit:
+    walk = _Walk(state, "ent_cursor")
+    for seq, entity_id in txn.ent_ready_after(walk.mark):
+        if len(items) >= limit or not walk.tick():
             break
-        state.ent_cursor = seq
         record = txn.get_entity(entity_id)
         if entity_id in state.ent_leases or record is None or record.get("rq") != seq:
+            walk.passed(seq)
+            continue
+        if matches is not None and not matches(entity_name(entity_id), None):
+            walk.left()
             continue
         batch = runnable_operations(record, txn.inbox(entity_id))
         if not batch:
+            walk.passed(seq)
             continue
         token = _new_token(state)
         request = b"".join(
@@ -127,8 +180,21 @@ def dispatch_entities(
                 inbox_keys=[key for key, _ in batch],
             )
         )
+        walk.passed(seq)
         items.append((token, length_delimited(5, request) + length_delimited(10, token.encode())))
     return items
+
+
+def matcher(spec: dict[str, list[str]] | None) -> Matcher:
+    """A worker's filter for one kind: None accepts everything; else name -> versions ([] = any version)."""
+    if spec is None:
+        return None
+
+    def matches(name: str, version: str | None) -> bool:
+        versions = spec.get(name)
+        return versions is not None and (not versions or (version or "") in versions)
+
+    return matches
 
 
 DISPATCHERS = {"o": dispatch_orchestrations, "a": dispatch_activities, "e": dispatch_entities}

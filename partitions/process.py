@@ -75,8 +75,10 @@ class Gateway:
     def __init__(self, identity: bytes, now: int) -> None:
         self.identity = identity
         self.last_seen_ms = now
-        self.credits = {"o": 0, "a": 0, "e": 0}
-        self.keep = {"o": 0, "a": 0, "e": 0}  # standing credits the gateway lets us hold; the rest goes back
+        # per (worker group, kind): credits granted, and the standing level we may hold (the rest goes back)
+        self.credits: dict[tuple[str, str], int] = {}
+        self.keep: dict[tuple[str, str], int] = {}
+        self.matchers: dict[tuple[str, str], dispatch.Matcher] = {}  # a group's work-item filter per kind
         self.reported: dict[str, int] | None = None
 
 
@@ -193,9 +195,13 @@ class PartitionProcess:
             self.heartbeat(sender, now)
         elif op == "credit":
             gateway = self.gateways.get(sender)  # type: ignore[arg-type]
-            if gateway is not None and message.get("k") in gateway.credits:
-                gateway.credits[message["k"]] += int(message.get("n", 0))
-                gateway.keep[message["k"]] = int(message.get("keep", 0))
+            kind = message.get("k")
+            if gateway is not None and kind in dispatch.DISPATCHERS:
+                slot = (str(message.get("g", "*")), kind)
+                gateway.credits[slot] = gateway.credits.get(slot, 0) + int(message.get("n", 0))
+                gateway.keep[slot] = int(message.get("keep", 0))
+                if slot not in gateway.matchers:
+                    gateway.matchers[slot] = dispatch.matcher(message.get("f"))
                 self.work_changed = True
         elif op == "ack":
             self.outbox.on_ack(int(message["from"]), int(message["seq"]), commands)
@@ -309,18 +315,22 @@ class PartitionProcess:
     def dispatch_work(self, txn: StoreTxn, now: int) -> None:
         """Spend the credits gateways granted; hand back whatever exceeds their standing level."""
         for gateway in self.gateways.values():
-            for kind, credit in gateway.credits.items():
+            for (group, kind), credit in gateway.credits.items():
                 if credit <= 0:
                     continue
-                items = dispatch.DISPATCHERS[kind](txn, self.state, gateway.identity, credit, now, self.lease_ms)
+                items = dispatch.DISPATCHERS[kind](
+                    txn, self.state, gateway.identity, credit, now, self.lease_ms, gateway.matchers.get((group, kind))
+                )
                 for token, item in items:
-                    self.channel.send({"op": "wi", "k": kind, "tok": token, "wi": item}, to=gateway.identity)
+                    self.channel.send({"op": "wi", "k": kind, "g": group, "tok": token, "wi": item}, to=gateway.identity)
                 credit -= len(items)
-                excess = credit - gateway.keep[kind]
+                excess = credit - gateway.keep.get((group, kind), 0)
                 if excess > 0:
                     credit -= excess
-                    self.channel.send({"op": "ret", "k": kind, "n": excess, "p": self.partition}, to=gateway.identity)
-                gateway.credits[kind] = credit
+                    self.channel.send(
+                        {"op": "ret", "k": kind, "g": group, "n": excess, "p": self.partition}, to=gateway.identity
+                    )
+                gateway.credits[(group, kind)] = credit
 
     def report_demand(self, txn: StoreTxn) -> None:
         """Tell gateways how much ready work we could not dispatch for lack of credits."""

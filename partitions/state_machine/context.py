@@ -8,6 +8,7 @@ from typing import Any
 from partitions.state_machine import actions as act
 from partitions.state_machine import events as ev
 from partitions.state_machine.state import CoreState
+from partitions.store.keys import MAX_ID_BYTES, TIMER_ORCHESTRATION
 from partitions.store.lmdb_store import StoreTxn
 from runtime.hashing import partition_for
 
@@ -34,6 +35,9 @@ class Ctx:
         The outbox row is written in this transaction, so the message leaves if and only if its cause
         commits; the receiver deduplicates by (sender, seq), which makes the effect exactly-once.
         """
+        if len(instance_id.encode("utf-8")) > MAX_ID_BYTES:
+            self._undeliverable(instance_id, message)
+            return
         message["i"] = instance_id
         destination = partition_for(instance_id, self.state.partition_count)
         if destination == self.state.partition:
@@ -44,6 +48,15 @@ class Ctx:
         seq = self.state.next_outbox_seq(destination)
         self.txn.put_outbox(destination, seq, message)
         self.actions.append(act.SendToPartition(destination))
+
+    def _undeliverable(self, instance_id: str, message: dict[str, Any]) -> None:
+        """No instance can have an id this long: a sub-orchestration fails its parent, the rest is dropped."""
+        if message.get("op") == "start_child":
+            parent = message["p"]
+            failure = ev.failure_details("InvalidInstanceId", f"sub-orchestration id is longer than {MAX_ID_BYTES} bytes")
+            self.send_to_instance(
+                parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure}
+            )
 
     # instances
     def load(self, instance_id: str) -> Record | None:
@@ -91,8 +104,10 @@ class Ctx:
         self.txn.put_activity(self.state.next_seq(), activity)
         self.actions.append(act.WorkAvailable())
 
-    def schedule_timer(self, fire_ms: int, instance_id: str, timer_id: int, execution_id: str) -> None:
-        self.txn.put_timer(fire_ms, instance_id, timer_id, {"x": execution_id})
+    def schedule_timer(
+        self, fire_ms: int, instance_id: str, timer_id: int, row: dict[str, Any], kind: int = TIMER_ORCHESTRATION
+    ) -> None:
+        self.txn.put_timer(fire_ms, instance_id, timer_id, row, kind)
         self.actions.append(act.TimerScheduled(fire_ms))
 
     def unqueue(self, record: Record) -> None:

@@ -14,7 +14,7 @@ from partitions.state_machine import actions as act
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.start_instance import create_instance
-from partitions.store.keys import ENTITY_SIGNAL_TIMER_BASE
+from partitions.store.keys import TIMER_ENTITY_SIGNAL
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
 
@@ -115,9 +115,8 @@ def apply_entity_message(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """An operation, lock request or unlock for an entity of this partition (possibly for later)."""
     entity_id = cmd["i"]
     if cmd.get("at", 0) > ctx.now_ms:
-        timer_id = ENTITY_SIGNAL_TIMER_BASE + (ctx.state.next_seq() & 0x3FFFFFFF)
-        ctx.txn.put_timer(cmd["at"], entity_id, timer_id, {"ev": cmd["ev"]})
-        ctx.actions.append(act.TimerScheduled(cmd["at"]))
+        timer_id = ctx.state.next_seq() & 0x7FFFFFFF
+        ctx.schedule_timer(cmd["at"], entity_id, timer_id, {"ev": cmd["ev"]}, TIMER_ENTITY_SIGNAL)
         return
     record = _load(ctx, entity_id)
     ctx.txn.put_inbox(entity_id, ctx.state.next_seq(), cmd["ev"])

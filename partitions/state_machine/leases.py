@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from partitions.state_machine import actions as act
 from partitions.state_machine.context import Ctx
 from partitions.state_machine.state import Lease
-from partitions.store.keys import ACTIVITY_RETRY_TIMER_BASE, SCHEDULED_START_TIMER_ID
+from partitions.store.keys import SCHEDULED_START_TIMER_ID, TIMER_ACTIVITY, TIMER_RELEASE
 from runtime.errors import StaleCompletionError
 
 ABANDON_BASE_DELAY_MS = 1000
@@ -34,7 +33,7 @@ def requeue(ctx: Ctx, lease: Lease, backoff: bool = False) -> None:
             if backoff:
                 record["ab"] = record.get("ab", 0) + 1
                 record["hu"] = ctx.now_ms + backoff_ms(record["ab"] - 1)
-                ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, record["x"])
+                ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, {"x": record["x"]}, TIMER_RELEASE)
             if ctx.txn.inbox(instance_id) or record.get("kick"):
                 ctx.mark_ready(instance_id, record)
             ctx.save(instance_id, record)
@@ -48,8 +47,7 @@ def requeue(ctx: Ctx, lease: Lease, backoff: bool = False) -> None:
     if backoff:
         activity["ab"] = activity.get("ab", 0) + 1
         fire_ms = ctx.now_ms + backoff_ms(activity["ab"] - 1)
-        ctx.txn.put_timer(fire_ms, activity["i"], ACTIVITY_RETRY_TIMER_BASE - activity["t"], {"x": activity["x"], "a": activity})
-        ctx.actions.append(act.TimerScheduled(fire_ms))
+        ctx.schedule_timer(fire_ms, activity["i"], activity["t"], {"x": activity["x"], "a": activity}, TIMER_ACTIVITY)
     else:
         ctx.queue_activity(activity)
 

@@ -68,7 +68,7 @@ def _apply_create_sub_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestra
 def _apply_create_timer(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
     fire_at = action.createTimer.fireAt
     out.confirm(ctx, action.id, timerCreated=pb.TimerCreatedEvent(fireAt=fire_at))
-    ctx.schedule_timer(ev.timestamp_ms(fire_at), out.instance_id, action.id, out.record["x"])
+    ctx.schedule_timer(ev.timestamp_ms(fire_at), out.instance_id, action.id, {"x": out.record["x"]})
 
 
 def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:

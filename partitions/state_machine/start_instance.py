@@ -8,7 +8,7 @@ from typing import Any
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.purge_instance import remove_instance
-from partitions.store.keys import SCHEDULED_START_TIMER_ID
+from partitions.store.keys import SCHEDULED_START_TIMER_ID, TIMER_RELEASE
 from runtime.errors import InstanceAlreadyExistsError
 
 _EXECUTION_NAMESPACE = uuid.UUID("6f1d3c52-7a0e-4b8e-9a57-2f0d9b1c4e11")
@@ -74,6 +74,6 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
         record["tc"] = cmd["tc"]
     ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
     if record["hu"]:
-        ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, record["x"])
+        ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, {"x": record["x"]}, TIMER_RELEASE)
     ctx.save(instance_id, record)
     return record

@@ -29,13 +29,16 @@ _U64 = struct.Struct(">Q")
 _I32 = struct.Struct(">i")
 _TIMER_SUFFIX = struct.Struct(">i")
 
-SCHEDULED_START_TIMER_ID = -1  # a timer row that releases a held instance (scheduled start, abandon backoff)
-ACTIVITY_RETRY_TIMER_BASE = -2  # timer id -2 - task id: an abandoned activity goes back to the queue
-ENTITY_SIGNAL_TIMER_BASE = -(1 << 31)  # timer ids below -2**30: a scheduled entity signal
+# LMDB keys are at most 511 bytes; the longest key built from an id adds 13 bytes (timer rows).
+MAX_ID_BYTES = 480
 
-
-def is_entity_signal_timer(timer_id: int) -> bool:
-    return timer_id < -(1 << 30)
+# Timer rows by kind. The kind is part of the key, so an orchestrator's timer id (any int32 the worker
+# sends) can never be mistaken for one of the engine's own timers.
+TIMER_ORCHESTRATION = 0  # createTimer: becomes timerFired(timer id)
+TIMER_RELEASE = 1  # releases a held instance: scheduled start, abandon backoff
+TIMER_ACTIVITY = 2  # an abandoned activity goes back to the queue (id: task id)
+TIMER_ENTITY_SIGNAL = 3  # a scheduled entity operation is delivered (id: a sequence number)
+SCHEDULED_START_TIMER_ID = 0  # the id of TIMER_RELEASE rows
 
 META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"
@@ -63,14 +66,15 @@ def seq_from_key(key: bytes) -> int:
     return _U64.unpack(key)[0]
 
 
-def timer_key(fire_ms: int, instance_id: str, timer_id: int) -> bytes:
-    return _U64.pack(fire_ms) + instance_prefix(instance_id) + _I32.pack(timer_id)
+def timer_key(fire_ms: int, kind: int, instance_id: str, timer_id: int) -> bytes:
+    return _U64.pack(fire_ms) + bytes((kind,)) + instance_prefix(instance_id) + _I32.pack(timer_id)
 
 
-def parse_timer_key(key: bytes) -> tuple[int, str, int]:
+def parse_timer_key(key: bytes) -> tuple[int, int, str, int]:
+    """(fire_ms, kind, instance id, timer id)."""
     fire_ms = _U64.unpack_from(key)[0]
-    instance_id = key[8:-5].decode("utf-8")
-    return fire_ms, instance_id, _I32.unpack_from(key, len(key) - 4)[0]
+    instance_id = key[9:-5].decode("utf-8")
+    return fire_ms, key[8], instance_id, _I32.unpack_from(key, len(key) - 4)[0]
 
 
 def outbox_key(destination: int, seq: int) -> bytes:

@@ -184,16 +184,19 @@ class StoreTxn:
         return self.txn.stat(self._act_ready)["entries"]
 
     # timers
-    def put_timer(self, fire_ms: int, instance_id: str, timer_id: int, record: dict[str, Any]) -> None:
-        self.txn.put(keys.timer_key(fire_ms, instance_id, timer_id), pack(record), db=self._timers)
+    def put_timer(
+        self, fire_ms: int, instance_id: str, timer_id: int, record: dict[str, Any], kind: int = keys.TIMER_ORCHESTRATION
+    ) -> None:
+        self.txn.put(keys.timer_key(fire_ms, kind, instance_id, timer_id), pack(record), db=self._timers)
 
-    def due_timers(self, now_ms: int, limit: int) -> list[tuple[bytes, int, str, int, dict[str, Any]]]:
+    def due_timers(self, now_ms: int, limit: int) -> list[tuple[bytes, int, int, str, int, dict[str, Any]]]:
+        """(key, fire_ms, kind, instance id, timer id, row) of timers due at `now_ms`, earliest first."""
         out = []
         for key, value in self._items_from(self._timers, b""):
-            fire_ms, instance_id, timer_id = keys.parse_timer_key(key)
+            fire_ms, kind, instance_id, timer_id = keys.parse_timer_key(key)
             if fire_ms > now_ms or len(out) >= limit:
                 break
-            out.append((key, fire_ms, instance_id, timer_id, unpack(value)))
+            out.append((key, fire_ms, kind, instance_id, timer_id, unpack(value)))
         return out
 
     def next_timer_ms(self) -> int | None:

@@ -207,6 +207,7 @@ class Servicer:
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this node is shutting down")
         stream = WorkerStream(
+            filters=translate.work_item_filters(request),
             limits={
                 "o": request.maxConcurrentOrchestrationWorkItems or DEFAULT_WORK_ITEM_LIMIT,
                 "a": request.maxConcurrentActivityWorkItems or DEFAULT_WORK_ITEM_LIMIT,

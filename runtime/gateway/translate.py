@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from partitions.store.keys import MAX_ID_BYTES
 from protos import orchestrator_service_pb2 as pb
 from runtime.config import Config
 from runtime.errors import InvalidArgumentError
@@ -46,6 +47,8 @@ def check_instance_id(instance_id: str, config: Config, what: str = "instance id
         )
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance_id):
         raise InvalidArgumentError(f"{what} must not contain control characters")
+    if len(instance_id.encode("utf-8")) > MAX_ID_BYTES:
+        raise InvalidArgumentError(f"{what} is longer than {MAX_ID_BYTES} bytes in UTF-8")
     return instance_id
 
 
@@ -146,6 +149,21 @@ def entity_metadata(metadata: dict[str, Any]) -> pb.EntityMetadata:
         lockedBy=_sv(metadata.get("lo")),
         serializedState=_sv(metadata.get("st")),
     )
+
+
+def work_item_filters(request: pb.GetWorkItemsRequest) -> dict[str, Any] | None:
+    """A worker's workItemFilters as kind -> {name: versions} ([] = any version); None = no filters."""
+    if not request.HasField("workItemFilters"):
+        return None
+    filters = request.workItemFilters
+    by_kind: dict[str, dict[str, list[str]]] = {"o": {}, "a": {}, "e": {}}
+    for kind, entries in (("o", filters.orchestrations), ("a", filters.activities)):
+        for entry in entries:
+            versions = by_kind[kind].setdefault(entry.name, [])
+            versions.extend(v for v in entry.versions if v not in versions)
+    for entity in filters.entities:
+        by_kind["e"][entity.name] = []
+    return {kind: dict(sorted(names.items())) for kind, names in by_kind.items()}
 
 
 def orchestration_state(state: dict[str, Any]) -> pb.OrchestrationState:

@@ -3,17 +3,24 @@
 The gateway never grants more credits than its connected streams have free slots, so work waits in
 LMDB rather than in memory, and no stream gets more than its maxConcurrent* allows.
 
-- Standing credits: each partition may hold a small share (`keep`) of the free capacity, so new work
-  is dispatched straight after its commit, without a round trip to ask for credit.
-- Demand: a partition that has more ready work than credits says how much; the gateway grants more
-  from the capacity nobody holds. Credits above `keep` that a partition cannot spend come back.
+- Groups: streams with the same workItemFilters form a group (no filters: group "*"). Credits are
+  granted per (partition, group, kind), and a partition only spends a group's credits on work that
+  the group's filter accepts. Work no connected group accepts stays pending in LMDB.
+- Standing credits: each partition may hold a small share (`keep`) of a group's free capacity, so
+  new work is dispatched straight after its commit, without a round trip to ask for credit.
+- Demand: a partition with more ready work than credits says how much; every group with free
+  capacity is offered that much once. Credits above `keep` that a partition cannot spend come back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from runtime.gateway.partition_client import PartitionClient
 from runtime.router.channel import Message
@@ -21,15 +28,30 @@ from runtime.router.channel import Message
 log = logging.getLogger(__name__)
 
 KINDS = ("o", "a", "e")  # orchestrations, activities, entities
+ALL = "*"  # the group of streams without filters
+
+Filters = dict[str, dict[str, list[str]] | None]  # kind -> (name -> versions, [] = any) or None = all
+
+
+def group_of(filters: Filters | None) -> str:
+    """A stable id for a filter set; streams without filters share the group '*'."""
+    if filters is None:
+        return ALL
+    canonical = json.dumps({k: filters.get(k) for k in KINDS}, sort_keys=True)
+    return hashlib.sha1(canonical.encode()).hexdigest()[:12]
 
 
 @dataclass(eq=False)
 class WorkerStream:
-    """One GetWorkItems call: its limits, the tokens it holds, and the items waiting to be written."""
+    """One GetWorkItems call: its limits and filters, the tokens it holds, and items to be written."""
 
     limits: dict[str, int]
+    filters: Filters | None = None
     inflight: dict[str, set[str]] = field(default_factory=lambda: {kind: set() for kind in KINDS})
     queue: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        self.group = group_of(self.filters)
 
     def free(self, kind: str) -> int:
         return self.limits[kind] - len(self.inflight[kind])
@@ -38,11 +60,12 @@ class WorkerStream:
 class WorkDispatcher:
     def __init__(self, client: PartitionClient) -> None:
         self.client = client
-        count = client.config.partitions
+        self.partitions = client.config.partitions
         self.streams: list[WorkerStream] = []
-        self.outstanding = [dict.fromkeys(KINDS, 0) for _ in range(count)]
-        self.demand = [dict.fromkeys(KINDS, 0) for _ in range(count)]
-        self.keep = dict.fromkeys(KINDS, 0)
+        # (partition, group, kind) -> credits granted and not yet used or returned
+        self.outstanding: dict[tuple[int, str, str], int] = defaultdict(int)
+        self.demand = [dict.fromkeys(KINDS, 0) for _ in range(self.partitions)]
+        self.keep: dict[tuple[str, str], int] = {}
         self.owner: dict[str, tuple[WorkerStream, str, int]] = {}
         self._rotation = 0
         self.accepting = True  # False while draining: no new credits, standing credits are withdrawn
@@ -76,12 +99,14 @@ class WorkDispatcher:
     def on_message(self, partition: int, message: Message) -> None:
         op = message.get("op")
         kind = message.get("k", "")
+        group = message.get("g", ALL)
         if op == "wi":
-            self.outstanding[partition][kind] = max(0, self.outstanding[partition][kind] - 1)
-            self._deliver(partition, kind, message["tok"], message["wi"])
+            slot = (partition, group, kind)
+            self.outstanding[slot] = max(0, self.outstanding[slot] - 1)
+            self._deliver(partition, group, kind, message["tok"], message["wi"])
         elif op == "ret":
-            count = int(message.get("n", 0))
-            self.outstanding[partition][kind] = max(0, self.outstanding[partition][kind] - count)
+            slot = (partition, group, kind)
+            self.outstanding[slot] = max(0, self.outstanding[slot] - int(message.get("n", 0)))
             self.grant()
         elif op == "demand":
             for k in KINDS:
@@ -89,11 +114,13 @@ class WorkDispatcher:
             self.grant()
 
     def on_partition_restart(self, partition: int) -> None:
-        self.outstanding[partition] = dict.fromkeys(KINDS, 0)
+        for slot in [s for s in self.outstanding if s[0] == partition]:
+            del self.outstanding[slot]
         self.demand[partition] = dict.fromkeys(KINDS, 0)
 
-    def _deliver(self, partition: int, kind: str, token: str, item: bytes) -> None:
-        best = max(self.streams, key=lambda s: s.free(kind), default=None)
+    def _deliver(self, partition: int, group: str, kind: str, token: str, item: bytes) -> None:
+        members = [s for s in self.streams if s.group == group]
+        best = max(members, key=lambda s: s.free(kind), default=None)
         if best is None or best.free(kind) <= 0 or not self.accepting:
             self.client.send(partition, {"op": "abandon", "tok": token, "quiet": True})
             return
@@ -101,34 +128,59 @@ class WorkDispatcher:
         self.owner[token] = (best, kind, partition)
         best.queue.put_nowait(item)
 
+    # credits
     def grant(self) -> None:
-        """Grant unmet demand first, then top every partition up to the standing level."""
-        count = len(self.outstanding)
-        self._rotation = (self._rotation + 1) % count
-        order = [(self._rotation + offset) % count for offset in range(count)]
+        """Offer unmet demand to every group with room, then top partitions up to the standing level."""
+        self._rotation = (self._rotation + 1) % self.partitions
+        order = [(self._rotation + offset) % self.partitions for offset in range(self.partitions)]
+        groups: dict[str, list[WorkerStream]] = defaultdict(list)
+        for stream in self.streams:
+            groups[stream.group].append(stream)
         for kind in KINDS:
-            capacity = sum(max(0, s.free(kind)) for s in self.streams) if self.accepting else 0
-            free = capacity - sum(o[kind] for o in self.outstanding)
-            keep = (capacity + sum(len(s.inflight[kind]) for s in self.streams)) // (4 * count)
-            keep = keep if self.accepting else 0
-            grants = [0] * count
+            for group, members in groups.items():
+                self._grant_group(kind, group, members, order)
+            for group in [g for (g, k) in self.keep if k == kind and g not in groups]:
+                self._withdraw(kind, group)  # the group's last stream is gone
             for partition in order:
-                want = min(self.demand[partition][kind], free)
-                if want > 0:
-                    grants[partition] += want
-                    free -= want
-                    self.demand[partition][kind] -= want
-            for partition in order:
-                top_up = min(keep - self.outstanding[partition][kind] - grants[partition], free)
-                if top_up > 0:
-                    grants[partition] += top_up
-                    free -= top_up
-            keep_changed = keep != self.keep[kind]
-            self.keep[kind] = keep
-            for partition, given in enumerate(grants):
-                if given or keep_changed:
-                    self.outstanding[partition][kind] += given
-                    self.client.send(partition, {"op": "credit", "k": kind, "n": given, "keep": keep})
+                self.demand[partition][kind] = 0  # offered once; a partition reports again if still unmet
+
+    def _grant_group(self, kind: str, group: str, members: list[WorkerStream], order: list[int]) -> None:
+        capacity = sum(max(0, s.free(kind)) for s in members) if self.accepting else 0
+        free = capacity - sum(self.outstanding[(p, group, kind)] for p in order)
+        keep = (capacity + sum(len(s.inflight[kind]) for s in members)) // (4 * self.partitions)
+        keep = keep if self.accepting else 0
+        grants = dict.fromkeys(order, 0)
+        for partition in order:
+            want = min(self.demand[partition][kind], free)
+            if want > 0:
+                grants[partition] += want
+                free -= want
+        for partition in order:
+            top_up = min(keep - self.outstanding[(partition, group, kind)] - grants[partition], free)
+            if top_up > 0:
+                grants[partition] += top_up
+                free -= top_up
+        keep_changed = keep != self.keep.get((group, kind))
+        self.keep[(group, kind)] = keep
+        spec = _filter_spec(members[0].filters, kind)
+        for partition, given in grants.items():
+            if given or keep_changed:
+                self.outstanding[(partition, group, kind)] += given
+                message: dict[str, Any] = {"op": "credit", "k": kind, "g": group, "n": given, "keep": keep}
+                if group != ALL:
+                    message["f"] = spec
+                self.client.send(partition, message)
+
+    def _withdraw(self, kind: str, group: str) -> None:
+        """Standing credits of a group with no streams left go back (keep=0)."""
+        del self.keep[(group, kind)]
+        for partition in range(self.partitions):
+            if self.outstanding.get((partition, group, kind)):
+                self.client.send(partition, {"op": "credit", "k": kind, "g": group, "n": 0, "keep": 0})
 
     def held_count(self) -> int:
         return len(self.owner)
+
+
+def _filter_spec(filters: Filters | None, kind: str) -> dict[str, list[str]] | None:
+    return None if filters is None else filters.get(kind)

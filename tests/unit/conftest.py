@@ -273,7 +273,7 @@ class Core:
     def timers(self) -> list[tuple[int, str, int, dict[str, Any]]]:
         """(fire_ms, instance id, timer id, row) for every stored timer."""
         with self.read() as txn:
-            return [(f, i, t, row) for _, f, i, t, row in txn.due_timers(2**63 - 1, 10**6)]
+            return [(f, i, t, row) for _, f, _kind, i, t, row in txn.due_timers(2**63 - 1, 10**6)]
 
     def outbox(self, destination: int) -> list[tuple[int, dict[str, Any]]]:
         with self.read() as txn:

@@ -95,3 +95,26 @@ def test_timer_survives_reopening_the_store(tmp_path):
     reopened.apply({"op": "fire_timers"}, now=T0 + 5)
     assert [e.timerFired.timerId for e in reopened.inbox("a")] == [1]
     reopened.close()
+
+
+def test_timer_ids_the_engine_uses_itself_are_still_plain_orchestrator_timers(core):
+    """A worker may send any int32 as an action id; negative ones once collided with engine timer rows."""
+    fire = T0 + 500
+    core.start("a")
+    core.run_first("a", [create_timer(-2, fire), create_timer(-1, fire), create_timer(-(2**31), fire)])
+
+    core.apply({"op": "fire_timers"}, now=fire)
+
+    assert core.timers() == []
+    assert sorted(e.timerFired.timerId for e in core.inbox("a")) == [-(2**31), -2, -1]
+
+
+def test_a_timer_row_that_cannot_fire_is_dropped_not_retried_forever(core):
+    core.start("a")
+    txn = core.store.begin(write=True)  # a row written by an older engine, or damaged: it lacks its payload
+    txn.put_timer(T0 + 1, "a", 7, {})
+    txn.commit()
+
+    core.apply({"op": "fire_timers"}, now=T0 + 1)
+
+    assert core.timers() == []
