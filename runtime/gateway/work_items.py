@@ -68,6 +68,7 @@ class WorkDispatcher:
         self.keep: dict[tuple[str, str], int] = {}
         self.owner: dict[str, tuple[WorkerStream, str, int]] = {}
         self._rotation = 0
+        self._turn = 0
         self.accepting = True  # False while draining: no new credits, standing credits are withdrawn
 
     # streams
@@ -119,8 +120,12 @@ class WorkDispatcher:
         self.demand[partition] = dict.fromkeys(KINDS, 0)
 
     def _deliver(self, partition: int, group: str, kind: str, token: str, item: bytes) -> None:
+        """To the group's stream with the most free slots; ties take turns, so an item one worker
+        rejected (e.g. for its version) also reaches the others."""
         members = [s for s in self.streams if s.group == group]
-        best = max(members, key=lambda s: s.free(kind), default=None)
+        self._turn += 1
+        ranked = [(s.free(kind), (i - self._turn) % len(members), s) for i, s in enumerate(members)]
+        best = max(ranked, key=lambda r: r[:2])[2] if ranked else None
         if best is None or best.free(kind) <= 0 or not self.accepting:
             self.client.send(partition, {"op": "abandon", "tok": token, "quiet": True})
             return
