@@ -5,7 +5,7 @@ import sys
 
 from partitions.process import PartitionDataError, PartitionProcess
 from runtime.logs import setup_logging
-from runtime.processes import config_from_env, die_with_parent, run_loop
+from runtime.processes import become_child, config_from_env, run_loop
 
 EXIT_BAD_DATA = 78
 
@@ -14,7 +14,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m partitions")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args()
-    die_with_parent()
+    become_child()
     config = config_from_env()
     setup_logging(config.log_level, f"partition-{args.index}")
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore, StoreTxn
 from runtime.config import Config
 from runtime.errors import DurableRuntimeError
+from runtime.processes import STOP_SIGNAL
 from runtime.router.channel import Message, ZmqChannel
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ class PartitionProcess:
     # main flow
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(STOP_SIGNAL, self.stop)
         self.channel = ZmqChannel.router(self.ctx, self.config.partition_endpoint(self.partition))
         txn = self.store.begin()
         try:

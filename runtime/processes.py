@@ -13,6 +13,18 @@ from runtime.config import Config
 
 CONFIG_ENV = "DURABLE_RUNTIME_CONFIG_JSON"
 
+# Children stop only when the supervisor says so, with this signal. SIGTERM and SIGINT sent to the
+# whole process group (Ctrl-C, systemd's default kill mode) are the supervisor's to handle: it drains
+# the gateways first and stops the partitions after them.
+STOP_SIGNAL = signal.SIGUSR1
+
+
+def become_child() -> None:
+    """Ignore the group's SIGTERM/SIGINT and stop (via STOP_SIGNAL) when the supervisor dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(STOP_SIGNAL)
+
 
 def config_to_env(config: Config) -> str:
     return json.dumps(dataclasses.asdict(config))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from runtime.config import Config
-from runtime.processes import CONFIG_ENV, config_to_env
+from runtime.processes import CONFIG_ENV, STOP_SIGNAL, config_to_env
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,13 @@ class Supervisor:
 
     def _stop_all(self, children: list[Child], timeout_s: float, keep_alive: Sequence[Child] = (),
                   interruptible: bool = False) -> bool:
-        """SIGTERM `children` and wait for them; meanwhile restart any of `keep_alive` that dies.
+        """Send `children` the stop signal and wait; meanwhile restart any of `keep_alive` that dies.
 
         Children still running after `timeout_s` (or, if `interruptible`, after a second signal) are killed.
         """
         running = [c for c in children if c.process is not None and c.process.poll() is None]
         for child in running:
-            child.process.send_signal(signal.SIGTERM)
+            child.process.send_signal(STOP_SIGNAL)
         clean = True
         deadline = time.monotonic() + timeout_s
         waiting = list(running)

@@ -4,14 +4,14 @@ import argparse
 
 from runtime.gateway.server import GatewayServer
 from runtime.logs import setup_logging
-from runtime.processes import config_from_env, die_with_parent, run_loop
+from runtime.processes import become_child, config_from_env, run_loop
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.gateway")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args()
-    die_with_parent()
+    become_child()
     config = config_from_env()
     setup_logging(config.log_level, f"gateway-{args.index}")
     run_loop(GatewayServer(config, args.index).serve)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from runtime.gateway import security
 from runtime.gateway.partition_client import PartitionClient
 from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler
 from runtime.gateway.work_items import WorkDispatcher
+from runtime.processes import STOP_SIGNAL
 from runtime.router import channel
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ class GatewayServer:
         )
 
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopped.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopped.set)
+        loop.add_signal_handler(STOP_SIGNAL, self.stopped.set)
         readiness = asyncio.create_task(self._track_readiness(client, health_servicer))
         await self.stopped.wait()
 
