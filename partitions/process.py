@@ -211,10 +211,15 @@ class PartitionProcess:
             commands.append(message)
 
     def heartbeat(self, sender: bytes | None, now: int) -> None:
-        """A gateway is alive: renew every lease it holds and tell it our epoch."""
+        """A gateway is alive: renew the activity leases it holds and tell it our epoch.
+
+        Activities may run long, so theirs last as long as the gateway (and the stream) holding them.
+        Orchestrator and entity work items are replays that take moments: if one is not completed
+        within the lease (say its completion failed, which the SDK only logs), it expires and runs again.
+        """
         if sender is None:
             return
-        for lease in self.state.leases_by_token.values():
+        for lease in self.state.act_leases.values():
             if lease.gateway == sender:
                 lease.expires_ms = now + self.lease_ms
         self.channel.send({"op": "hb", "p": self.partition, "ep": self.state.epoch}, to=sender)

@@ -26,6 +26,9 @@ def _lease(ctx: Ctx, cmd: dict[str, Any]) -> Lease:
 
 def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     lease = _lease(ctx, cmd)
+    if cmd.get("fail"):
+        _fail_unapplied(ctx, lease, cmd)
+        return
     try:
         response = pb.OrchestratorResponse.FromString(cmd["resp"])
     except Exception as exc:
@@ -78,6 +81,19 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     else:
         _requeue_if_pending(ctx, instance_id, record)
     ctx.save(instance_id, record)
+    ctx.reply(cmd)
+
+
+def _fail_unapplied(ctx: Ctx, lease: Lease, cmd: dict[str, Any]) -> None:
+    """A response the engine will not apply (too large): the execution fails with the given reason."""
+    instance_id = lease.key
+    assert isinstance(instance_id, str)
+    record = ctx.load(instance_id)
+    ctx.state.release(lease)
+    if record is not None and record["x"] == lease.execution_id and record["s"] not in ev.TERMINAL:
+        record.pop("kick", None)
+        finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*cmd["fail"]))
+        ctx.save(instance_id, record)
     ctx.reply(cmd)
 
 

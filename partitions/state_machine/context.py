@@ -8,7 +8,7 @@ from typing import Any
 from partitions.state_machine import actions as act
 from partitions.state_machine import events as ev
 from partitions.state_machine.state import CoreState
-from partitions.store.keys import MAX_ID_BYTES, TIMER_ORCHESTRATION
+from partitions.store.keys import TIMER_ORCHESTRATION, id_problem
 from partitions.store.lmdb_store import StoreTxn
 from runtime.hashing import partition_for
 
@@ -35,8 +35,9 @@ class Ctx:
         The outbox row is written in this transaction, so the message leaves if and only if its cause
         commits; the receiver deduplicates by (sender, seq), which makes the effect exactly-once.
         """
-        if len(instance_id.encode("utf-8")) > MAX_ID_BYTES:
-            self._undeliverable(instance_id, message)
+        problem = id_problem(instance_id)
+        if problem is not None:
+            self._undeliverable(problem, message)
             return
         message["i"] = instance_id
         destination = partition_for(instance_id, self.state.partition_count)
@@ -49,11 +50,11 @@ class Ctx:
         self.txn.put_outbox(destination, seq, message)
         self.actions.append(act.SendToPartition(destination))
 
-    def _undeliverable(self, instance_id: str, message: dict[str, Any]) -> None:
-        """No instance can have an id this long: a sub-orchestration fails its parent, the rest is dropped."""
+    def _undeliverable(self, problem: str, message: dict[str, Any]) -> None:
+        """No instance can have such an id: a sub-orchestration fails its parent, the rest is dropped."""
         if message.get("op") == "start_child":
             parent = message["p"]
-            failure = ev.failure_details("InvalidInstanceId", f"sub-orchestration id is longer than {MAX_ID_BYTES} bytes")
+            failure = ev.failure_details("InvalidInstanceId", f"the sub-orchestration id {problem}")
             self.send_to_instance(
                 parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure}
             )

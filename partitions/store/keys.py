@@ -46,6 +46,18 @@ META_EPOCH = b"epoch"
 META_SEQ = b"seq"
 
 
+def id_problem(instance_id: str) -> str | None:
+    """Why `instance_id` cannot name an instance, or None. NUL separates store keys, so control
+    characters are refused; LMDB keys are bounded, so the length is too."""
+    if not instance_id:
+        return "must not be empty"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance_id):
+        return "must not contain control characters"
+    if len(instance_id.encode("utf-8")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes in UTF-8"
+    return None
+
+
 def instance_prefix(instance_id: str) -> bytes:
     return instance_id.encode("utf-8") + b"\x00"
 

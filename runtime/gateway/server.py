@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from runtime.config import Config
 from runtime.gateway import security
 from runtime.gateway.partition_client import PartitionClient
-from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler
+from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler, oversize_receive_limit
 from runtime.gateway.work_items import WorkDispatcher
 from runtime.processes import STOP_SIGNAL
 from runtime.router import channel
@@ -98,7 +98,10 @@ class GatewayServer:
         client.on_restart = dispatcher.on_partition_restart
         servicer = Servicer(config, client, dispatcher)
         options = [
-            ("grpc.max_receive_message_length", config.max_request_bytes),
+            # Completions may exceed the request limit: they are read, then turned into a clear failure
+            # of the instance or task (the SDK only logs a failed completion). Other RPCs get
+            # RESOURCE_EXHAUSTED from the servicer.
+            ("grpc.max_receive_message_length", oversize_receive_limit(config)),
             ("grpc.max_send_message_length", max(config.max_request_bytes, 64 << 20)),
             ("grpc.so_reuseport", 1 if config.gateways > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -47,12 +47,26 @@ STATUS_BY_CODE = {
 }
 
 
-def rpc(request_type: type) -> Callable[..., Any]:
-    """Parse the request; map engine errors to gRPC statuses (the one mapping, DESIGN §6)."""
+def oversize_receive_limit(config: Config) -> int:
+    """What the transport reads: room for oversized completions, which become failures, not hangs."""
+    return max(4 * config.max_request_bytes, 64 << 20)
+
+
+def rpc(request_type: type, oversized_ok: bool = False) -> Callable[..., Any]:
+    """Parse the request; map engine errors to gRPC statuses (the one mapping, DESIGN §6).
+
+    Requests above --max-request-bytes get RESOURCE_EXHAUSTED, except completions (`oversized_ok`),
+    whose handlers fail the instance or task instead.
+    """
 
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[bytes]]:
         @functools.wraps(fn)
         async def handler(self: Servicer, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if len(raw) > self.config.max_request_bytes and not oversized_ok:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"request of {len(raw)} bytes exceeds the limit of {self.config.max_request_bytes} bytes",
+                )
             try:
                 request = request_type.FromString(raw)
             except DecodeError as exc:
@@ -248,24 +262,33 @@ class Servicer:
             if getter is not None:
                 getter.cancel()
 
-    @rpc(pb.OrchestratorResponse)
+    @rpc(pb.OrchestratorResponse, oversized_ok=True)
     async def CompleteOrchestratorTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
         command = translate.complete_orchestration(request, raw, self.config)
         self.dispatcher.completed(request.completionToken)
         await self._call(command, context)
         return pb.CompleteTaskResponse()
 
-    @rpc(pb.ActivityResponse)
+    @rpc(pb.ActivityResponse, oversized_ok=True)
     async def CompleteActivityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
-        command = translate.complete_activity(request, self.config)
+        command = translate.complete_activity(request, self.config, len(raw))
         self.dispatcher.completed(request.completionToken)
         await self._call(command, context)
         return pb.CompleteTaskResponse()
 
-    @rpc(pb.EntityBatchResult)
+    @rpc(pb.EntityBatchResult, oversized_ok=True)
     async def CompleteEntityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
         partition = _partition_of_token(request.completionToken, self.config.partitions)
         self.dispatcher.completed(request.completionToken)
+        if len(raw) > self.config.max_request_bytes:
+            raw = pb.EntityBatchResult(
+                completionToken=request.completionToken,
+                failureDetails=pb.TaskFailureDetails(
+                    errorType="EntityResultTooLarge",
+                    errorMessage=f"the entity batch result was {len(raw)} bytes; the limit is {self.config.max_request_bytes}",
+                    isNonRetriable=True,
+                ),
+            ).SerializeToString()
         command = {"op": "complete_ent", "tok": request.completionToken, "resp": raw}
         await self.client.request(partition, command, self._timeout(context))
         return pb.CompleteTaskResponse()

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from partitions.store.keys import MAX_ID_BYTES
+from partitions.store.keys import id_problem
 from protos import orchestrator_service_pb2 as pb
 from runtime.config import Config
 from runtime.errors import InvalidArgumentError
@@ -39,16 +39,13 @@ def _opt(message: Any, name: str) -> str | None:
 
 def check_instance_id(instance_id: str, config: Config, what: str = "instance id") -> str:
     """Instance ids are non-empty, bounded, and free of control characters (NUL separates store keys)."""
-    if not instance_id:
-        raise InvalidArgumentError(f"{what} must not be empty")
     if len(instance_id) > config.max_instance_id_length:
         raise InvalidArgumentError(
             f"{what} is {len(instance_id)} characters; the limit is {config.max_instance_id_length}"
         )
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance_id):
-        raise InvalidArgumentError(f"{what} must not contain control characters")
-    if len(instance_id.encode("utf-8")) > MAX_ID_BYTES:
-        raise InvalidArgumentError(f"{what} is longer than {MAX_ID_BYTES} bytes in UTF-8")
+    problem = id_problem(instance_id)
+    if problem is not None:
+        raise InvalidArgumentError(f"{what} {problem}")
     return instance_id
 
 
@@ -106,16 +103,35 @@ def rewind(request: pb.RewindInstanceRequest, config: Config) -> Command:
 
 
 def complete_orchestration(request: pb.OrchestratorResponse, raw: bytes, config: Config) -> Command:
+    """An oversized response is not applied: the instance fails with a clear message instead."""
     check_instance_id(request.instanceId, config)
     if not request.completionToken:
         raise InvalidArgumentError("completionToken must not be empty")
-    return {"op": "complete_orch", "i": request.instanceId, "tok": request.completionToken, "resp": raw}
+    command: Command = {"op": "complete_orch", "i": request.instanceId, "tok": request.completionToken, "resp": raw}
+    if len(raw) > config.max_request_bytes:
+        command["resp"] = b""
+        command["fail"] = [
+            "OrchestratorResponseTooLarge",
+            f"the orchestrator's response was {len(raw)} bytes; the limit is {config.max_request_bytes}",
+        ]
+    return command
 
 
-def complete_activity(request: pb.ActivityResponse, config: Config) -> Command:
+def complete_activity(request: pb.ActivityResponse, config: Config, size: int = 0) -> Command:
+    """An oversized result becomes a task failure the orchestrator can handle."""
     check_instance_id(request.instanceId, config)
     if not request.completionToken:
         raise InvalidArgumentError("completionToken must not be empty")
+    if size > config.max_request_bytes:
+        too_large = pb.TaskFailureDetails(
+            errorType="ActivityResultTooLarge",
+            errorMessage=f"the activity's result was {size} bytes; the limit is {config.max_request_bytes}",
+            isNonRetriable=True,
+        )
+        request = pb.ActivityResponse(
+            instanceId=request.instanceId, taskId=request.taskId, completionToken=request.completionToken,
+            failureDetails=too_large,
+        )
     failed = request.HasField("failureDetails")
     return {
         "op": "complete_act",

@@ -142,14 +142,19 @@ class WorkDispatcher:
         for stream in self.streams:
             groups[stream.group].append(stream)
         for kind in KINDS:
+            offered = dict.fromkeys(order, 0)
             for group, members in groups.items():
-                self._grant_group(kind, group, members, order)
+                for partition, given in self._grant_group(kind, group, members, order).items():
+                    offered[partition] = max(offered[partition], given)
             for group in [g for (g, k) in self.keep if k == kind and g not in groups]:
                 self._withdraw(kind, group)  # the group's last stream is gone
-            for partition in order:
-                self.demand[partition][kind] = 0  # offered once; a partition reports again if still unmet
+            for partition, given in offered.items():
+                # Demand is offered to every group once. A partition reports again whenever what it
+                # holds changes, so what it spends is refilled as soon as slots free up.
+                self.demand[partition][kind] = max(0, self.demand[partition][kind] - given)
 
-    def _grant_group(self, kind: str, group: str, members: list[WorkerStream], order: list[int]) -> None:
+    def _grant_group(self, kind: str, group: str, members: list[WorkerStream], order: list[int]) -> dict[int, int]:
+        """Credits for one group; returns what each partition got on account of its demand."""
         capacity = sum(max(0, s.free(kind)) for s in members) if self.accepting else 0
         free = capacity - sum(self.outstanding[(p, group, kind)] for p in order)
         keep = (capacity + sum(len(s.inflight[kind]) for s in members)) // (4 * self.partitions)
@@ -160,6 +165,7 @@ class WorkDispatcher:
             if want > 0:
                 grants[partition] += want
                 free -= want
+        for_demand = dict(grants)
         for partition in order:
             top_up = min(keep - self.outstanding[(partition, group, kind)] - grants[partition], free)
             if top_up > 0:
@@ -175,6 +181,7 @@ class WorkDispatcher:
                 if group != ALL:
                     message["f"] = spec
                 self.client.send(partition, message)
+        return for_demand
 
     def _withdraw(self, kind: str, group: str) -> None:
         """Standing credits of a group with no streams left go back (keep=0)."""
