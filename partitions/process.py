@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+import lmdb
 import zmq
 
 from partitions import dispatch
@@ -270,8 +271,24 @@ class PartitionProcess:
                 if command.get("op") not in READ_ONLY_COMMANDS:
                     self.crash_requested = True
         self.state.save_counters(txn)
-        txn.commit()
+        try:
+            txn.commit()
+        except lmdb.Error as exc:  # e.g. the disk is full: nothing of this batch was applied
+            self.commit_failed(commands, exc)
+            return []
         return actions
+
+    def commit_failed(self, commands: list[dict[str, Any]], exc: Exception) -> None:
+        """Answer the whole batch UNAVAILABLE, then restart: in-memory state may be ahead of the store."""
+        log.error("partition %d: commit failed (%s); answering UNAVAILABLE and restarting", self.partition, exc)
+        message = (
+            f"partition {self.partition} could not commit to its store ({exc}); is the disk full?"
+            " The request was not applied; retry once space is available"
+        )
+        for command in commands:
+            self.reply_error(command, "unavailable", message)
+        self.channel.flush()
+        self.crash_requested = True
 
     def reply_error(self, command: dict[str, Any], code: str, message: str) -> None:
         if "rid" in command and command.get("_from"):
