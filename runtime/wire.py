@@ -1,4 +1,13 @@
-"""Protobuf wire-format helpers for assembling messages from already-serialized parts."""
+"""Protobuf helpers: assembling messages from already-serialized parts, and timestamps as milliseconds."""
+
+from typing import Any
+
+MAX_MS = (1 << 63) - 1  # the largest millisecond value timer and index keys hold
+
+
+def timestamp_ms(ts: Any) -> int:
+    """A google.protobuf.Timestamp in ms since the epoch, clamped to [0, MAX_MS]: timestamps are input."""
+    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), MAX_MS)
 
 
 def varint(value: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from protos import orchestrator_service_pb2 as pb
+from runtime.wire import timestamp_ms as timestamp_ms  # re-exported for the core's modules
 
 RUNNING = pb.ORCHESTRATION_STATUS_RUNNING
 COMPLETED = pb.ORCHESTRATION_STATUS_COMPLETED
@@ -20,11 +21,6 @@ TERMINAL = frozenset({COMPLETED, FAILED, CANCELED, TERMINATED})
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
-def timestamp_ms(ts: timestamp_pb2.Timestamp) -> int:
-    """Milliseconds since the epoch, clamped to what timer keys can hold (a worker's timestamp is input)."""
-    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), (1 << 63) - 1)
 
 
 def string_value(value: str | None) -> wrappers_pb2.StringValue | None:

@@ -16,7 +16,7 @@ from runtime.config import Config
 from runtime.errors import InstanceNotCompletedError, InstanceNotFoundError, InvalidArgumentError
 from runtime.gateway import translate
 from runtime.gateway.partition_client import PartitionClient
-from runtime.wire import length_delimited
+from runtime.wire import MAX_MS, length_delimited, timestamp_ms
 
 TERMINAL_STATUSES = frozenset(
     {
@@ -31,15 +31,9 @@ _MAX_PURGE_DEPTH = 64
 _HISTORY_CHUNK_BYTES = 1 << 20
 
 
-_MAX_MS = (1 << 63) - 1
-
-
 def _ms(message: Any, name: str) -> int | None:
-    """A Timestamp field in ms, clamped to what the indexes can hold (before 1970 counts as 0)."""
-    if not message.HasField(name):
-        return None
-    ts = getattr(message, name)
-    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), _MAX_MS)
+    """An optional Timestamp field in ms (clamped, so before 1970 counts as 0), or None when unset."""
+    return timestamp_ms(getattr(message, name)) if message.HasField(name) else None
 
 
 def _parse_token(token: str) -> list[Any]:
@@ -47,7 +41,7 @@ def _parse_token(token: str) -> list[Any]:
     ms, sep, instance_id = token.partition(":")
     if ms == "i" and sep:
         return [-1, instance_id]
-    if not sep or not (ms.isascii() and ms.isdigit()) or int(ms) > _MAX_MS:
+    if not sep or not (ms.isascii() and ms.isdigit()) or int(ms) > MAX_MS:
         raise InvalidArgumentError(f"malformed continuation token '{token}'")
     return [int(ms), instance_id]
 

@@ -11,16 +11,11 @@ from partitions.store.keys import id_problem
 from protos import orchestrator_service_pb2 as pb
 from runtime.config import Config
 from runtime.errors import InvalidArgumentError
+from runtime.wire import timestamp_ms
 
 Command = dict[str, Any]
 
 
-_MAX_MS = (1 << 63) - 1
-
-
-def _ms(ts: timestamp_pb2.Timestamp) -> int:
-    """Milliseconds since the epoch, clamped to what timer and index keys can hold."""
-    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), _MAX_MS)
 
 
 def _ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
@@ -70,7 +65,7 @@ def start_instance(request: pb.CreateInstanceRequest, config: Config) -> Command
         "n": request.name,
         "v": _opt(request, "version"),
         "in": _opt(request, "input"),
-        "ss": _ms(request.scheduledStartTimestamp) if request.HasField("scheduledStartTimestamp") else 0,
+        "ss": timestamp_ms(request.scheduledStartTimestamp) if request.HasField("scheduledStartTimestamp") else 0,
         "tg": dict(request.tags),
         "reuse": list(request.orchestrationIdReusePolicy.replaceableStatus),
         "x": _opt(request, "executionId") or uuid.uuid4().hex,
@@ -153,7 +148,7 @@ def signal_entity(request: pb.SignalEntityRequest, config: Config) -> Command:
         "n": request.name,
         "in": _opt(request, "input"),
         "req": request.requestId or uuid.uuid4().hex,
-        "at": _ms(request.scheduledTime) if request.HasField("scheduledTime") else 0,
+        "at": timestamp_ms(request.scheduledTime) if request.HasField("scheduledTime") else 0,
     }
 
 
