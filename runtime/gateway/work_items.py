@@ -69,12 +69,13 @@ class WorkDispatcher:
         self.owner: dict[str, tuple[WorkerStream, str, int]] = {}
         self._rotation = 0
         self._turn = 0
+        self._grant_scheduled = False
         self.accepting = True  # False while draining: no new credits, standing credits are withdrawn
 
     # streams
     def add_stream(self, stream: WorkerStream) -> None:
         self.streams.append(stream)
-        self.grant()
+        self.schedule_grant()
 
     def remove_stream(self, stream: WorkerStream) -> None:
         """The stream ended: whatever it held goes back to its partition's queue at once."""
@@ -86,7 +87,7 @@ class WorkDispatcher:
                 if entry is not None:
                     self.client.send(entry[2], {"op": "abandon", "tok": token, "quiet": True})
             stream.inflight[kind].clear()
-        self.grant()
+        self.schedule_grant()
 
     def completed(self, token: str) -> None:
         """A Complete* or Abandon* call for `token` arrived: its slot is free again."""
@@ -94,7 +95,7 @@ class WorkDispatcher:
         if entry is not None:
             stream, kind, _ = entry
             stream.inflight[kind].discard(token)
-            self.grant()
+            self.schedule_grant()
 
     # messages from partitions
     def on_message(self, partition: int, message: Message) -> None:
@@ -108,11 +109,11 @@ class WorkDispatcher:
         elif op == "ret":
             slot = (partition, group, kind)
             self.outstanding[slot] = max(0, self.outstanding[slot] - int(message.get("n", 0)))
-            self.grant()
+            self.schedule_grant()
         elif op == "demand":
             for k in KINDS:
                 self.demand[partition][k] = int(message.get(k, 0))
-            self.grant()
+            self.schedule_grant()
 
     def on_partition_restart(self, partition: int) -> None:
         for slot in [s for s in self.outstanding if s[0] == partition]:
@@ -134,8 +135,15 @@ class WorkDispatcher:
         best.queue.put_nowait(item)
 
     # credits
+    def schedule_grant(self) -> None:
+        """Grant once at the end of this loop turn, however many completions and messages it brought."""
+        if not self._grant_scheduled:
+            self._grant_scheduled = True
+            asyncio.get_running_loop().call_soon(self.grant)
+
     def grant(self) -> None:
         """Offer unmet demand to every group with room, then top partitions up to the standing level."""
+        self._grant_scheduled = False
         self._rotation = (self._rotation + 1) % self.partitions
         order = [(self._rotation + offset) % self.partitions for offset in range(self.partitions)]
         groups: dict[str, list[WorkerStream]] = defaultdict(list)
