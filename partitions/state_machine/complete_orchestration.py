@@ -6,7 +6,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
-from partitions.state_machine.orchestrator_actions import HANDLERS, UNSUPPORTED, Outcome
+from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
 from partitions.state_machine.state import Lease
@@ -98,11 +98,9 @@ def _fail_unapplied(ctx: Ctx, lease: Lease, cmd: dict[str, Any]) -> None:
 
 
 def _apply_actions(ctx: Ctx, out: Outcome, response: pb.OrchestratorResponse) -> tuple[str, str] | None:
-    """Apply every action, or none of them when one is unknown or unsupported (the instance then fails)."""
+    """Apply every action, or none of them when one is unknown (the instance then fails)."""
     kinds = [action.WhichOneof("orchestratorActionType") for action in response.actions]
     for kind in kinds:
-        if kind in UNSUPPORTED:
-            return ("UnsupportedAction", f"the orchestrator action '{kind}' is not supported by this engine yet")
         if kind not in HANDLERS:
             return ("InvalidAction", f"orchestrator action '{kind}' is not a known action")
     for action, kind in zip(response.actions, kinds, strict=True):

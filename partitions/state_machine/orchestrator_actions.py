@@ -140,8 +140,6 @@ def _apply_terminate_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestrat
         ctx.send_to_instance(term.instanceId, {"op": "terminate", "out": reason, "r": term.recurse, "quiet": True})
 
 
-UNSUPPORTED: frozenset[str] = frozenset()
-
 HANDLERS: dict[str, Callable[[Ctx, Outcome, pb.OrchestratorAction], None]] = {
     "completeOrchestration": _apply_complete_orchestration,
     "createSubOrchestration": _apply_create_sub_orchestration,
