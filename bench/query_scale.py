@@ -104,6 +104,44 @@ class Engine:
 # --------------------------------------------------------------------------- loading
 
 
+def engine_rss(root_pid: int) -> dict[str, int]:
+    """VmRSS in bytes of every engine process below `root_pid` (gateways and partitions), by role."""
+    out: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if b"--index" not in cmdline or not any(b in cmdline for b in (b"partitions", b"runtime.gateway")):
+            continue
+        if f"PPid:\t{root_pid}\n" not in status and not _descends_from(int(entry.name), root_pid):
+            continue
+        role = "gateway" if b"runtime.gateway" in cmdline else "partition"
+        index = cmdline[cmdline.index(b"--index") + 1].decode()
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out[f"{role}-{index}"] = int(line.split()[1]) * 1024
+    return out
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(16):
+        try:
+            ppid = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                            if line.startswith("PPid:")).split()[1])
+        except (OSError, StopIteration):
+            return False
+        if ppid == ancestor:
+            return True
+        if ppid <= 1:
+            return False
+        pid = ppid
+    return False
+
+
 def _ts(ms: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
@@ -318,8 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         engine.wait_ready()
+        rss_before = engine_rss(engine.popen.pid)
         print("creating instances (no worker connected)...", flush=True)
         create_s, complete_s = asyncio.run(load(engine.address, ids, completed, args.concurrency))
+        rss_after = engine_rss(engine.popen.pid)
+        print("resident memory (VmRSS) before -> after creating them, per engine process:", flush=True)
+        for name in sorted(rss_after):
+            print(f"  {name:24s} {rss_before.get(name, 0) / 2**20:7.1f} -> {rss_after[name] / 2**20:7.1f} MiB", flush=True)
         print(f"creation phase: {args.instances} instances in {create_s:.1f} s "
               f"({args.instances / create_s:.0f}/s, {args.concurrency} in flight)", flush=True)
         if completed:
