@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -11,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 from durabletask import worker as dt_worker
+from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 from google.protobuf import empty_pb2
 
@@ -137,3 +140,39 @@ def running_worker(address: str, orchestrators: Iterable[Callable[..., Any]] = (
         yield w
     finally:
         w.stop()
+
+
+class RawStream:
+    """A raw GetWorkItems stream; its items (health pings dropped) are read on a thread into a queue."""
+
+    def __init__(self, channel: grpc.Channel, request: pb.GetWorkItemsRequest) -> None:
+        call = channel.unary_stream(
+            "/TaskHubSidecarService/GetWorkItems",
+            request_serializer=pb.GetWorkItemsRequest.SerializeToString,
+            response_deserializer=pb.WorkItem.FromString,
+        )
+        self.call = call(request)
+        self.items: queue.Queue[pb.WorkItem] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for item in self.call:
+                if not item.HasField("healthPing"):
+                    self.items.put(item)
+
+    def next(self, timeout: float = DEADLINE_S) -> pb.WorkItem:
+        try:
+            return self.items.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no work item within {timeout}s") from None
+
+    def nothing_within(self, window: float) -> None:
+        with contextlib.suppress(queue.Empty):
+            item = self.items.get(timeout=window)
+            raise AssertionError(f"unexpected work item: {item}")
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.thread.join(timeout=5)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from durabletask.internal import helpers as ph
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.worker import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
 
-from .helpers import DEADLINE_S, new_id, wait_until
+from .helpers import DEADLINE_S, RawStream, new_id, wait_until
 
 OrchestrationStatus = dt_client.OrchestrationStatus
 
@@ -198,35 +197,6 @@ def test_continue_as_new_with_new_version(runtime: Any, client: Any, raw_stub: A
 # ---------------------------------------------------------------------------------------------------------
 # activity versions (the SDK does not set them; a raw stream does)
 # ---------------------------------------------------------------------------------------------------------
-class RawStream:
-    """A raw GetWorkItems stream; its items (health pings dropped) are read on a thread into a queue."""
-
-    def __init__(self, channel: grpc.Channel, request: pb.GetWorkItemsRequest) -> None:
-        call = channel.unary_stream(
-            "/TaskHubSidecarService/GetWorkItems",
-            request_serializer=pb.GetWorkItemsRequest.SerializeToString,
-            response_deserializer=pb.WorkItem.FromString,
-        )
-        self.call = call(request)
-        self.items: queue.Queue[pb.WorkItem] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        with contextlib.suppress(grpc.RpcError):
-            for item in self.call:
-                if not item.HasField("healthPing"):
-                    self.items.put(item)
-
-    def next(self, timeout: float = DEADLINE_S) -> pb.WorkItem:
-        try:
-            return self.items.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no work item within {timeout}s") from None
-
-    def close(self) -> None:
-        self.call.cancel()
-        self.thread.join(timeout=5)
 
 
 @pytest.mark.engine_only

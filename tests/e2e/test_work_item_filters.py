@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
 import threading
 import time
 import uuid
@@ -50,7 +49,7 @@ from durabletask.worker import (
     WorkItemFilters,
 )
 
-from .helpers import DEADLINE_S, new_id, wait_until
+from .helpers import DEADLINE_S, RawStream, new_id, wait_until
 
 OrchestrationStatus = dt_client.OrchestrationStatus
 
@@ -148,40 +147,6 @@ def cleanup(client: dt_client.TaskHubGrpcClient, *instance_ids: str) -> None:
             client.terminate_orchestration(instance_id, output="test cleanup")
 
 
-class RawStream:
-    """A raw GetWorkItems stream; its items (health pings dropped) are read on a thread into a queue."""
-
-    def __init__(self, channel: grpc.Channel, request: pb.GetWorkItemsRequest) -> None:
-        call = channel.unary_stream(
-            "/TaskHubSidecarService/GetWorkItems",
-            request_serializer=pb.GetWorkItemsRequest.SerializeToString,
-            response_deserializer=pb.WorkItem.FromString,
-        )
-        self.call = call(request)
-        self.items: queue.Queue[pb.WorkItem] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        with contextlib.suppress(grpc.RpcError):
-            for item in self.call:
-                if not item.HasField("healthPing"):
-                    self.items.put(item)
-
-    def next(self, timeout: float = DEADLINE_S) -> pb.WorkItem:
-        try:
-            return self.items.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no work item within {timeout}s") from None
-
-    def nothing_within(self, window: float) -> None:
-        with contextlib.suppress(queue.Empty):
-            item = self.items.get(timeout=window)
-            raise AssertionError(f"unexpected work item: {item}")
-
-    def close(self) -> None:
-        self.call.cancel()
-        self.thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------
