@@ -31,7 +31,7 @@ from durabletask.internal import helpers as ph
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.worker import VersionFailureStrategy, VersioningOptions, VersionMatchStrategy
 
-from .helpers import DEADLINE_S, RawStream, new_id, wait_until
+from .helpers import DEADLINE_S, RawStream, cleanup, new_id, status_of, wait_until
 
 OrchestrationStatus = dt_client.OrchestrationStatus
 
@@ -81,11 +81,6 @@ def sdk_worker(address: str, orchestrators: Iterable[Callable[..., Any]] = (),
         w.stop()
 
 
-def status_of(client: dt_client.TaskHubGrpcClient, instance_id: str) -> OrchestrationStatus | None:
-    state = client.get_orchestration_state(instance_id, fetch_payloads=False)
-    return None if state is None else state.runtime_status
-
-
 def stored_version(raw_stub: Any, instance_id: str) -> str | None:
     """The version GetInstance reports (the SDK's OrchestrationState has no version field)."""
     res = raw_stub.GetInstance(pb.GetInstanceRequest(instanceId=instance_id), timeout=DEADLINE_S)
@@ -99,22 +94,6 @@ def completed(client: dt_client.TaskHubGrpcClient, instance_id: str,
     state = client.wait_for_orchestration_completion(instance_id, timeout=int(timeout))
     assert state is not None, instance_id
     return state
-
-
-def cleanup(client: dt_client.TaskHubGrpcClient, *instance_ids: str) -> None:
-    """Unfinished instances a test leaves are terminated at once (no worker needed), so no later worker of
-    this module picks them up."""
-    left = [i for i in instance_ids
-            if status_of(client, i) in (OrchestrationStatus.PENDING, OrchestrationStatus.RUNNING)]
-    if not left:
-        return
-    with contextlib.suppress(grpc.RpcError):
-        client._stub.SkipGracefulOrchestrationTerminations(pb.SkipGracefulOrchestrationTerminationsRequest(
-            instanceBatch=pb.InstanceBatch(instanceIds=left), reason=ph.get_string_value("test cleanup")))
-        return
-    for instance_id in left:  # a backend without SkipGracefulOrchestrationTerminations
-        with contextlib.suppress(Exception):
-            client.terminate_orchestration(instance_id, output="test cleanup")
 
 
 # ---------------------------------------------------------------------------------------------------------

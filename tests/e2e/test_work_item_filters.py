@@ -49,7 +49,7 @@ from durabletask.worker import (
     WorkItemFilters,
 )
 
-from .helpers import DEADLINE_S, RawStream, new_id, wait_until
+from .helpers import DEADLINE_S, RawStream, cleanup, new_id, status_of, wait_until
 
 OrchestrationStatus = dt_client.OrchestrationStatus
 
@@ -100,11 +100,6 @@ def sdk_worker(address: str, orchestrators: Iterable[Callable[..., Any]] = (),
         w.stop()
 
 
-def status_of(client: dt_client.TaskHubGrpcClient, instance_id: str) -> OrchestrationStatus | None:
-    state = client.get_orchestration_state(instance_id, fetch_payloads=False)
-    return None if state is None else state.runtime_status
-
-
 def completed(client: dt_client.TaskHubGrpcClient, instance_id: str,
               timeout: float = DEADLINE_S) -> dt_client.OrchestrationState:
     state = client.wait_for_orchestration_completion(instance_id, timeout=int(timeout))
@@ -129,22 +124,6 @@ def stays_pending(client: dt_client.TaskHubGrpcClient, instance_ids: Iterable[st
 def entity_state(client: dt_client.TaskHubGrpcClient, entity_id: EntityInstanceId) -> Any:
     metadata = client.get_entity(entity_id)
     return None if metadata is None else metadata.get_typed_state(dict)
-
-
-def cleanup(client: dt_client.TaskHubGrpcClient, *instance_ids: str) -> None:
-    """Unfinished instances a test leaves are terminated at once (no worker needed), so no later worker of
-    this module picks them up."""
-    left = [i for i in instance_ids
-            if status_of(client, i) in (OrchestrationStatus.PENDING, OrchestrationStatus.RUNNING)]
-    if not left:
-        return
-    with contextlib.suppress(grpc.RpcError):
-        client._stub.SkipGracefulOrchestrationTerminations(pb.SkipGracefulOrchestrationTerminationsRequest(
-            instanceBatch=pb.InstanceBatch(instanceIds=left), reason=ph.get_string_value("test cleanup")))
-        return
-    for instance_id in left:  # a backend without SkipGracefulOrchestrationTerminations
-        with contextlib.suppress(Exception):
-            client.terminate_orchestration(instance_id, output="test cleanup")
 
 
 
