@@ -92,8 +92,7 @@ class PartitionProcess:
         self.channel: ZmqChannel = None  # type: ignore[assignment]  # bound in serve(), on the loop
         self.outbox = Outbox(self, config)
         self.gateways: dict[bytes, Gateway] = {}
-        self.pending: list[tuple[bytes | None, Message]] = []
-        self.wake = asyncio.Event()
+        self.pending: list[tuple[bytes | None, Message]] = []  # posted by the ticker, not received
         self.stopping = False
         self.next_timer_ms: int | None = None
         self.armed_timer_ms: int | None = None
@@ -114,20 +113,20 @@ class PartitionProcess:
             txn.abort()
         self.arm_timer()
         self.outbox.start()
-        tasks = [asyncio.create_task(self.receive()), asyncio.create_task(self.tick())]
+        ticker = asyncio.create_task(self.tick())
         log.info("partition %d serving (epoch %d) at %s", self.partition, self.state.epoch,
                  self.config.partition_endpoint(self.partition))
         try:
             while not self.stopping:
-                await self.wake.wait()
-                self.wake.clear()
+                # Everything that arrived meanwhile (or nothing, when a timer or the ticker woke us).
+                messages = await self.channel.recv()
                 batch, self.pending = self.pending, []
+                batch.extend(messages)
                 self.process(batch)
                 if self.crash_requested:
                     raise SystemExit(70)
         finally:
-            for task in tasks:
-                task.cancel()
+            ticker.cancel()
             self.channel.close()
             self.outbox.close()
             self.store.close()
@@ -136,13 +135,7 @@ class PartitionProcess:
 
     def stop(self) -> None:
         self.stopping = True
-        self.wake.set()
-
-    async def receive(self) -> None:
-        while True:
-            messages = await self.channel.recv()
-            self.pending.extend(messages)
-            self.wake.set()
+        self.channel.wake()
 
     async def tick(self) -> None:
         """Heartbeat-rate housekeeping: expired leases, silent gateways, stale waiters, outbox resends."""
@@ -150,7 +143,7 @@ class PartitionProcess:
         while True:
             await asyncio.sleep(interval)
             self.pending.append((None, {"op": "_tick"}))
-            self.wake.set()
+            self.channel.wake()
 
     def arm_timer(self) -> None:
         """Wake the loop when the earliest durable timer is due."""
@@ -158,7 +151,7 @@ class PartitionProcess:
             return
         self.armed_timer_ms = self.next_timer_ms
         delay = max(0.0, self.next_timer_ms / 1000 - time.time())
-        asyncio.get_running_loop().call_later(delay + 0.001, self.wake.set)
+        asyncio.get_running_loop().call_later(delay + 0.001, self.channel.wake)
 
     # one batch
     def process(self, batch: list[tuple[bytes | None, Message]]) -> None:

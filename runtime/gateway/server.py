@@ -157,7 +157,7 @@ class GatewayServer:
             await asyncio.sleep(_DRAIN_POLL_S)
         else:
             log.info("gateway %d drained: every work item it handed out was completed or abandoned", self.index)
-        servicer.draining.set()  # worker streams end with OK
+        servicer.end_streams()  # worker streams end with OK
         await server.stop(grace=_STOP_GRACE_S)
 
     async def _track_readiness(self, client: PartitionClient, health_servicer: health.aio.HealthServicer) -> None:

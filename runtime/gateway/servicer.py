@@ -7,7 +7,6 @@ partition built.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -88,7 +87,7 @@ class Servicer:
         self.client = client
         self.dispatcher = dispatcher
         self.management = Management(config, client)
-        self.draining = asyncio.Event()
+        self.draining = False  # set once, by end_streams()
 
     def _timeout(self, context: grpc.aio.ServicerContext, default: float | None = None) -> float:
         remaining = context.time_remaining()
@@ -218,7 +217,7 @@ class Servicer:
             request = pb.GetWorkItemsRequest.FromString(raw)
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed GetWorkItemsRequest: {exc}")
-        if self.draining.is_set():
+        if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this node is shutting down")
         stream = WorkerStream(
             filters=translate.work_item_filters(request),
@@ -237,30 +236,21 @@ class Servicer:
 
     async def _stream_items(self, stream: WorkerStream) -> AsyncIterator[bytes]:
         """Work items as they arrive, a healthPing after each silent interval, and an OK end on drain."""
-        queue = stream.queue
-        drained = asyncio.ensure_future(self.draining.wait())
-        getter: asyncio.Future[bytes] | None = None
-        try:
-            while True:
-                if not queue.empty():
-                    yield queue.get_nowait()
-                    continue
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, drained}, timeout=self.config.health_ping_interval_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    item = getter.result()
-                    getter = None
-                    yield item
-                    continue
-                if drained in done:
-                    return  # an OK end: the SDK reconnects at once, to another node if it can
+        items = stream.items
+        while True:
+            if items:
+                yield items.popleft()
+                continue
+            if stream.ended:
+                return  # an OK end: the SDK reconnects at once, to another node if it can
+            await stream.wait(self.config.health_ping_interval_s)
+            if not items and not stream.ended:
                 yield HEALTH_PING
-        finally:
-            drained.cancel()
-            if getter is not None:
-                getter.cancel()
+
+    def end_streams(self) -> None:
+        """Draining: refuse new worker streams, and end the open ones once they have written their items."""
+        self.draining = True
+        self.dispatcher.end_streams()
 
     @rpc(pb.OrchestratorResponse, oversized_ok=True)
     async def CompleteOrchestratorTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:

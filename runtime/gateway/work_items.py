@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +48,43 @@ class WorkerStream:
     limits: dict[str, int]
     filters: Filters | None = None
     inflight: dict[str, set[str]] = field(default_factory=lambda: {kind: set() for kind in KINDS})
-    queue: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    items: deque[bytes] = field(default_factory=deque)  # delivered, not yet written to the stream
+    ended: bool = False  # the node is draining: write what is left, then end with OK
 
     def __post_init__(self) -> None:
         self.group = group_of(self.filters)
+        self._waiter: asyncio.Future[None] | None = None
 
     def free(self, kind: str) -> int:
         return self.limits[kind] - len(self.inflight[kind])
+
+    def push(self, item: bytes) -> None:
+        self.items.append(item)
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until an item arrives, the stream is ended, or `timeout_s` passes (one future, one timer)."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _settle(self._waiter)
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class WorkDispatcher:
@@ -76,6 +106,10 @@ class WorkDispatcher:
     def add_stream(self, stream: WorkerStream) -> None:
         self.streams.append(stream)
         self.schedule_grant()
+
+    def end_streams(self) -> None:
+        for stream in self.streams:
+            stream.end()
 
     def remove_stream(self, stream: WorkerStream) -> None:
         """The stream ended: whatever it held goes back to its partition's queue at once."""
@@ -132,7 +166,7 @@ class WorkDispatcher:
             return
         best.inflight[kind].add(token)
         self.owner[token] = (best, kind, partition)
-        best.queue.put_nowait(item)
+        best.push(item)
 
     # credits
     def schedule_grant(self) -> None:

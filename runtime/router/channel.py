@@ -228,6 +228,7 @@ class ZmqChannel:
         self._pending: dict[bytes | None, list[Message]] = {}
         self._flush_scheduled = False
         self._waiter: asyncio.Future[None] | None = None
+        self._woken = False
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._check_readable)
@@ -302,18 +303,29 @@ class ZmqChannel:
                 log.warning("dropped a batch of %d messages: %s", len(batch), exc)
         self._check_readable()
 
+    def wake(self) -> None:
+        """Make the pending (or the next) recv() return, even with no messages."""
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
     def _check_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the receiver drains the socket before it waits again
         try:
             readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
         except zmq.ZMQError:
             return
-        if readable and self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if readable:
+            waiter.set_result(None)
 
     async def recv(self) -> list[tuple[bytes | None, Message]]:
+        """The messages waiting now, at least one; or none, if wake() was called meanwhile."""
         while True:
             out = self._drain()
-            if out:
+            if out or self._woken:
+                self._woken = False
                 return out
             self._waiter = self._loop.create_future()
             self._check_readable()
