@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,57 +26,8 @@ from runtime.router import channel
 
 log = logging.getLogger(__name__)
 
-_WORK_STREAM = f"/{SERVICE_NAME}/GetWorkItems"
-_SETTLING = frozenset(
-    f"/{SERVICE_NAME}/{name}"
-    for name in (
-        "CompleteOrchestratorTask",
-        "CompleteActivityTask",
-        "CompleteEntityTask",
-        "AbandonTaskOrchestratorWorkItem",
-        "AbandonTaskActivityWorkItem",
-        "AbandonTaskEntityWorkItem",
-    )
-)
 _DRAIN_POLL_S = 0.05
 _STOP_GRACE_S = 1.0  # for client calls still open after the drain (long waits end, clients retry)
-
-
-class DrainGate(grpc.aio.ServerInterceptor):
-    """Refuses new worker streams once draining, and counts completion calls still in progress."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.settling = 0
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if method == _WORK_STREAM and self.closed:
-            return security.rejecting_handler(
-                handler, grpc.StatusCode.UNAVAILABLE, "this node is shutting down; connect to another node or retry"
-            )
-        if method in _SETTLING and handler is not None and handler.unary_unary is not None:
-            return self._counted(handler)
-        return handler
-
-    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        behaviour = handler.unary_unary
-
-        async def settle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self.settling += 1
-            try:
-                return await behaviour(request, context)
-            finally:
-                self.settling -= 1
-
-        return grpc.unary_unary_rpc_method_handler(
-            settle, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
 
 
 class GatewayServer:
@@ -107,10 +56,8 @@ class GatewayServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        gate = DrainGate()
-        interceptors: list[grpc.aio.ServerInterceptor] = [gate]
-        if token is not None:
-            interceptors.insert(0, security.TokenInterceptor(token))
+        # No interceptor unless a token is required: grpc.aio runs every call through the chain.
+        interceptors = [security.TokenInterceptor(token)] if token is not None else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         server.add_generic_rpc_handlers((generic_handler(servicer),))
         health_servicer = health.aio.HealthServicer()
@@ -134,20 +81,20 @@ class GatewayServer:
         await self.stopped.wait()
 
         readiness.cancel()
-        await self._drain(server, servicer, dispatcher, gate, health_servicer)
+        await self._drain(server, servicer, dispatcher, health_servicer)
         client.close()
         log.info("gateway %d stopped", self.index)
 
     async def _drain(self, server: grpc.aio.Server, servicer: Servicer, dispatcher: WorkDispatcher,
-                     gate: DrainGate, health_servicer: health.aio.HealthServicer) -> None:
+                     health_servicer: health.aio.HealthServicer) -> None:
         """Let the work already handed out settle, then end the worker streams and stop the server."""
         deadline = time.monotonic() + self.config.drain_grace_s
-        gate.closed = True  # before any await: nothing may slip in once the drain has begun
+        servicer.begin_drain()  # before any await: nothing may slip in once the drain has begun
         dispatcher.accepting = False
         dispatcher.grant()  # keep=0: partitions hand back their standing credits
         await health_servicer.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         log.info("gateway %d draining: %d work items in flight", self.index, dispatcher.held_count())
-        while dispatcher.held_count() or gate.settling:
+        while dispatcher.held_count() or servicer.settling:
             if time.monotonic() >= deadline:
                 log.warning(
                     "gateway %d: drain grace of %.1fs over with %d work items still in flight; they go back"

@@ -51,30 +51,37 @@ def oversize_receive_limit(config: Config) -> int:
     return max(4 * config.max_request_bytes, 64 << 20)
 
 
-def rpc(request_type: type, oversized_ok: bool = False) -> Callable[..., Any]:
+def rpc(request_type: type, oversized_ok: bool = False, settles: bool = False) -> Callable[..., Any]:
     """Parse the request; map engine errors to gRPC statuses (the one mapping, DESIGN §6).
 
     Requests above --max-request-bytes get RESOURCE_EXHAUSTED, except completions (`oversized_ok`),
-    whose handlers fail the instance or task instead.
+    whose handlers fail the instance or task instead. Calls that settle a work item (`settles`) are
+    counted while in progress, so that a drain waits for them.
     """
 
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[bytes]]:
         @functools.wraps(fn)
         async def handler(self: Servicer, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if len(raw) > self.config.max_request_bytes and not oversized_ok:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"request of {len(raw)} bytes exceeds the limit of {self.config.max_request_bytes} bytes",
-                )
+            if settles:
+                self.settling += 1
             try:
-                request = request_type.FromString(raw)
-            except DecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {exc}")
-            try:
-                response = await fn(self, request, context, raw)
-            except DurableRuntimeError as exc:
-                await context.abort(STATUS_BY_CODE.get(exc.code, grpc.StatusCode.INTERNAL), str(exc))
-            return response.SerializeToString()
+                if len(raw) > self.config.max_request_bytes and not oversized_ok:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"request of {len(raw)} bytes exceeds the limit of {self.config.max_request_bytes} bytes",
+                    )
+                try:
+                    request = request_type.FromString(raw)
+                except DecodeError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {exc}")
+                try:
+                    response = await fn(self, request, context, raw)
+                except DurableRuntimeError as exc:
+                    await context.abort(STATUS_BY_CODE.get(exc.code, grpc.StatusCode.INTERNAL), str(exc))
+                return response.SerializeToString()
+            finally:
+                if settles:
+                    self.settling -= 1
 
         return handler
 
@@ -87,7 +94,8 @@ class Servicer:
         self.client = client
         self.dispatcher = dispatcher
         self.management = Management(config, client)
-        self.draining = False  # set once, by end_streams()
+        self.closing = False  # draining: new worker streams are refused (set once, by begin_drain())
+        self.settling = 0  # Complete*/Abandon* calls in progress
 
     def _timeout(self, context: grpc.aio.ServicerContext, default: float | None = None) -> float:
         remaining = context.time_remaining()
@@ -217,8 +225,10 @@ class Servicer:
             request = pb.GetWorkItemsRequest.FromString(raw)
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed GetWorkItemsRequest: {exc}")
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this node is shutting down")
+        if self.closing:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this node is shutting down; connect to another node or retry"
+            )
         stream = WorkerStream(
             filters=translate.work_item_filters(request),
             limits={
@@ -247,26 +257,29 @@ class Servicer:
             if not items and not stream.ended:
                 yield HEALTH_PING
 
+    def begin_drain(self) -> None:
+        """Refuse new worker streams; client calls and completions are still served."""
+        self.closing = True
+
     def end_streams(self) -> None:
-        """Draining: refuse new worker streams, and end the open ones once they have written their items."""
-        self.draining = True
+        """The drain is over: the open worker streams end with OK once they have written their items."""
         self.dispatcher.end_streams()
 
-    @rpc(pb.OrchestratorResponse, oversized_ok=True)
+    @rpc(pb.OrchestratorResponse, oversized_ok=True, settles=True)
     async def CompleteOrchestratorTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
         command = translate.complete_orchestration(request, raw, self.config)
         self.dispatcher.completed(request.completionToken)
         await self._call(command, context)
         return pb.CompleteTaskResponse()
 
-    @rpc(pb.ActivityResponse, oversized_ok=True)
+    @rpc(pb.ActivityResponse, oversized_ok=True, settles=True)
     async def CompleteActivityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
         command = translate.complete_activity(request, self.config, len(raw))
         self.dispatcher.completed(request.completionToken)
         await self._call(command, context)
         return pb.CompleteTaskResponse()
 
-    @rpc(pb.EntityBatchResult, oversized_ok=True)
+    @rpc(pb.EntityBatchResult, oversized_ok=True, settles=True)
     async def CompleteEntityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
         partition = _partition_of_token(request.completionToken, self.config.partitions)
         self.dispatcher.completed(request.completionToken)
@@ -283,7 +296,7 @@ class Servicer:
         await self.client.request(partition, command, self._timeout(context))
         return pb.CompleteTaskResponse()
 
-    @rpc(pb.AbandonEntityTaskRequest)
+    @rpc(pb.AbandonEntityTaskRequest, settles=True)
     async def AbandonTaskEntityWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:
         await self._abandon(request.completionToken, context)
         return pb.AbandonEntityTaskResponse()
@@ -311,12 +324,12 @@ class Servicer:
     async def CleanEntityStorage(self, request: Any, context: Any, raw: bytes) -> pb.CleanEntityStorageResponse:
         return await self.management.clean_entities(request, self._timeout(context))
 
-    @rpc(pb.AbandonOrchestrationTaskRequest)
+    @rpc(pb.AbandonOrchestrationTaskRequest, settles=True)
     async def AbandonTaskOrchestratorWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:
         await self._abandon(request.completionToken, context)
         return pb.AbandonOrchestrationTaskResponse()
 
-    @rpc(pb.AbandonActivityTaskRequest)
+    @rpc(pb.AbandonActivityTaskRequest, settles=True)
     async def AbandonTaskActivityWorkItem(self, request: Any, context: Any, raw: bytes) -> Any:
         await self._abandon(request.completionToken, context)
         return pb.AbandonActivityTaskResponse()
