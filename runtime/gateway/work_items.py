@@ -7,7 +7,8 @@ LMDB rather than in memory, and no stream gets more than its maxConcurrent* allo
   granted per (partition, group, kind), and a partition only spends a group's credits on work that
   the group's filter accepts. Work no connected group accepts stays pending in LMDB.
 - Standing credits: each partition may hold a small share (`keep`) of a group's free capacity, so
-  new work is dispatched straight after its commit, without a round trip to ask for credit.
+  new work is dispatched straight after its commit, without a round trip to ask for credit. It is
+  refilled to `keep` once it falls below half of that, so credit messages come in bulk.
 - Demand: a partition with more ready work than credits says how much; every group with free
   capacity is offered that much once. Credits above `keep` that a partition cannot spend come back.
 """
@@ -208,8 +209,12 @@ class WorkDispatcher:
                 grants[partition] += want
                 free -= want
         for_demand = dict(grants)
+        low_water = (keep + 1) // 2
         for partition in order:
-            top_up = min(keep - self.outstanding[(partition, group, kind)] - grants[partition], free)
+            held = self.outstanding[(partition, group, kind)] + grants[partition]
+            if held >= low_water:
+                continue  # refill in bulk, not one credit message per dispatched item
+            top_up = min(keep - held, free)
             if top_up > 0:
                 grants[partition] += top_up
                 free -= top_up
