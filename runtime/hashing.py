@@ -1,5 +1,7 @@
 """Instance placement: a stable hash of the instance id picks the owning partition."""
 
+import functools
+
 _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193
 
@@ -12,6 +14,7 @@ def fnv1a_32(data: bytes) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=1 << 16)  # an instance's id is hashed once per request about it
 def partition_for(instance_id: str, partition_count: int) -> int:
     """The partition that owns `instance_id` (entities hash their `@name@key` id the same way)."""
     return fnv1a_32(instance_id.encode("utf-8")) % partition_count

@@ -4,6 +4,7 @@ Keys are big-endian and fixed-width where they carry numbers, so LMDB's byte ord
 order. Instance ids are UTF-8 and may not contain NUL, so `id + NUL` is a safe per-instance prefix.
 """
 
+import re
 import struct
 
 TABLES = (
@@ -46,12 +47,15 @@ META_EPOCH = b"epoch"
 META_SEQ = b"seq"
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def id_problem(instance_id: str) -> str | None:
     """Why `instance_id` cannot name an instance, or None. NUL separates store keys, so control
     characters are refused; LMDB keys are bounded, so the length is too."""
     if not instance_id:
         return "must not be empty"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance_id):
+    if _CONTROL_CHARACTER.search(instance_id):
         return "must not contain control characters"
     if len(instance_id.encode("utf-8")) > MAX_ID_BYTES:
         return f"is longer than {MAX_ID_BYTES} bytes in UTF-8"
