@@ -413,7 +413,9 @@ def parse_args(argv=None):
     ap.add_argument("--backend", choices=("runtime", "inmemory", "both"), default="both")
     ap.add_argument("-n", "--instances", type=int, default=500, help="measured instances per run")
     ap.add_argument("-c", "--concurrency", type=int, default=50, help="instances kept in flight by the client")
-    ap.add_argument("--partitions", type=int, default=4, help="runtime --partitions")
+    ap.add_argument("--partitions", type=int, default=max(2, os.cpu_count() or 2),
+                    help="runtime --partitions (default: one per core, at least 2; more than the cores"
+                         " buys isolation, not speed)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per (scenario, backend); medians reported")
     ap.add_argument("--warmup", type=int, default=50, help="unmeasured instances before each measured run")
     ap.add_argument("--json", action="store_true", help="also print machine-readable results")
