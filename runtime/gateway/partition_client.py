@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -43,7 +44,7 @@ class PartitionClient:
 
     def start(self) -> None:
         for partition, channel in enumerate(self.channels):
-            self._tasks.append(asyncio.create_task(self._receive(partition, channel)))
+            channel.subscribe(functools.partial(self._receive, partition))
         self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     def send(self, partition: int, message: Message) -> None:
@@ -68,10 +69,10 @@ class PartitionClient:
         """Every partition has answered a heartbeat."""
         return all(epoch is not None for epoch in self.epochs)
 
-    async def _receive(self, partition: int, channel: ZmqChannel) -> None:
-        while True:
-            for _, message in await channel.recv():
-                self.last_heard[partition] = asyncio.get_running_loop().time()
+    def _receive(self, partition: int, messages: list[tuple[bytes | None, Message]]) -> None:
+        self.last_heard[partition] = asyncio.get_running_loop().time()
+        for _, message in messages:
+            try:
                 op = message.get("op")
                 if op == "reply":
                     self._resolve(message)
@@ -81,6 +82,8 @@ class PartitionClient:
                     if "ep" in message:
                         self._note_epoch(partition, int(message["ep"]))
                     self._on_message(partition, message)
+            except Exception:  # one bad message must not cost the others in its frame
+                log.exception("gateway: could not handle %r from partition %d", message.get("op"), partition)
 
     def _resolve(self, message: Message) -> None:
         entry = self._pending.get(message.get("rid", -1))

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -229,6 +230,8 @@ class ZmqChannel:
         self._flush_scheduled = False
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
+        self._handler: Callable[[list[tuple[bytes | None, Message]]], None] | None = None
+        self._delivering = False
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._check_readable)
@@ -303,6 +306,29 @@ class ZmqChannel:
                 log.warning("dropped a batch of %d messages: %s", len(batch), exc)
         self._check_readable()
 
+    def subscribe(self, handler: Callable[[list[tuple[bytes | None, Message]]], None]) -> None:
+        """Hand arriving messages to `handler` straight from the reader callback, instead of recv().
+
+        A busy loop (the gateway's) then answers a reply without first queueing a task step behind
+        everything else that is ready.
+        """
+        self._handler = handler
+        self._loop.call_soon(self._deliver)  # whatever arrived before we subscribed
+
+    def _deliver(self) -> None:
+        if self._delivering or self._handler is None:
+            return  # re-entered from the handler: the running delivery drains the rest
+        self._delivering = True
+        messages: list[tuple[bytes | None, Message]] = []
+        try:
+            messages = self._drain()
+            if messages:
+                self._handler(messages)
+        finally:
+            self._delivering = False
+            if messages:  # more may be queued (a drain is bounded): look again next turn
+                self._loop.call_soon(self._check_readable)
+
     def wake(self) -> None:
         """Make the pending (or the next) recv() return, even with no messages."""
         self._woken = True
@@ -310,6 +336,9 @@ class ZmqChannel:
             self._waiter.set_result(None)
 
     def _check_readable(self) -> None:
+        if self._handler is not None:
+            self._deliver()
+            return
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # nobody waits: the receiver drains the socket before it waits again
@@ -355,6 +384,7 @@ class ZmqChannel:
 
     def close(self) -> None:
         self.flush()
+        self._handler = None
         self._loop.remove_reader(self._fd)
         self._sock.close(linger=0)
         if self._on_close is not None:

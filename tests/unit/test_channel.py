@@ -1,0 +1,104 @@
+"""ZmqChannel over real ZeroMQ sockets (ipc in a temp dir): batching, recv, wake and subscribe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+
+from runtime.router.channel import ZmqChannel
+
+DEADLINE_S = 10.0
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def _run(tmp_path: Path, body: Callable[[ZmqChannel, ZmqChannel], object]) -> None:
+    async def main() -> None:
+        ctx = zmq.Context()
+        router = ZmqChannel.router(ctx, f"ipc://{tmp_path}/r.sock")
+        dealer = ZmqChannel.dealer(ctx, f"ipc://{tmp_path}/r.sock", b"g-test")
+        try:
+            await asyncio.wait_for(body(router, dealer), DEADLINE_S)  # type: ignore[arg-type]
+        finally:
+            dealer.close()
+            router.close()
+            ctx.term()
+
+    asyncio.run(main())
+
+
+def test_messages_sent_in_one_turn_arrive_together_with_the_sender(tmp_path: Path) -> None:
+    async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
+        for n in range(5):
+            dealer.send({"op": "x", "n": n})
+        received = await router.recv()
+        assert [(sender, m["n"]) for sender, m in received] == [(b"g-test", n) for n in range(5)]
+        router.send({"op": "reply", "n": 7}, to=b"g-test")
+        assert [m for _, m in await dealer.recv()] == [{"op": "reply", "n": 7}]
+
+    _run(tmp_path, body)
+
+
+def test_wake_makes_recv_return_without_messages(tmp_path: Path) -> None:
+    async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
+        waiting = asyncio.ensure_future(router.recv())
+        await asyncio.sleep(0)
+        router.wake()
+        assert await waiting == []
+        router.wake()  # a wake while nobody waits ends the next recv at once
+        assert await router.recv() == []
+
+    _run(tmp_path, body)
+
+
+def test_subscribe_delivers_everything_in_order_from_the_reader(tmp_path: Path) -> None:
+    async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
+        got: list[int] = []
+        dealer.send({"op": "x", "n": -1})  # before the subscription
+        dealer.flush()
+        await _until(lambda: router.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN, "the first frame")
+        router.subscribe(lambda messages: got.extend(m["n"] for _, m in messages))
+        # More frames than one drain reads, each sent on its own, while the handler side also sends.
+        for n in range(600):
+            dealer.send({"op": "x", "n": n})
+            dealer.flush()
+            if n % 50 == 0:
+                router.send({"op": "ping"}, to=b"g-test")
+                await asyncio.sleep(0)
+        await _until(lambda: len(got) == 601, "every message")
+        assert got == list(range(-1, 600))
+
+    _run(tmp_path, body)
+
+
+def test_a_failing_handler_does_not_strand_what_is_still_queued(tmp_path: Path) -> None:
+    async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
+        got: list[int] = []
+        calls = 0
+
+        def handler(messages: list[tuple[bytes | None, dict]]) -> None:
+            nonlocal calls
+            calls += 1
+            got.extend(m["n"] for _, m in messages)
+            if calls == 1:
+                raise RuntimeError("handler bug")
+
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+        for n in range(400):  # more frames than one drain reads, queued before anyone listens
+            dealer.send({"op": "x", "n": n})
+            dealer.flush()
+        await _until(lambda: router.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN, "the first frame")
+        router.subscribe(handler)
+        await _until(lambda: len(got) == 400, "every message, with no new arrival to prompt it")
+        assert got == list(range(400))
+
+    _run(tmp_path, body)
