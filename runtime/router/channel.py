@@ -232,6 +232,7 @@ class ZmqChannel:
         self._woken = False
         self._handler: Callable[[list[tuple[bytes | None, Message]]], None] | None = None
         self._delivering = False
+        self._emptied = False
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._check_readable)
@@ -326,7 +327,7 @@ class ZmqChannel:
                 self._handler(messages)
         finally:
             self._delivering = False
-            if messages:  # more may be queued (a drain is bounded): look again next turn
+            if messages and not self._emptied:  # the drain stopped at its bound: read on next turn
                 self._loop.call_soon(self._check_readable)
 
     def wake(self) -> None:
@@ -364,11 +365,14 @@ class ZmqChannel:
                 self._waiter = None
 
     def _drain(self) -> list[tuple[bytes | None, Message]]:
+        """Up to _MAX_DRAIN frames; `_emptied` tells whether the socket was read dry."""
         out: list[tuple[bytes | None, Message]] = []
+        self._emptied = False
         for _ in range(_MAX_DRAIN):
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
+                self._emptied = True
                 break
             self._decode_into(out, frames)
         return out
