@@ -169,9 +169,12 @@ def inmemory_threads(args) -> int:
     return args.concurrency + 32
 
 
-def start_worker(scenario: str, port: int, run_dir: Path) -> Proc:
+def start_worker(scenario: str, port: int, run_dir: Path, sdk_threads: int | None = None) -> Proc:
     mod = "bench.sdk_worker" if scenario == "sdk" else "bench.proto_worker"
-    return spawn(f"worker-{scenario}", [sys.executable, "-m", mod, "--port", str(port)], run_dir)
+    cmd = [sys.executable, "-m", mod, "--port", str(port)]
+    if scenario == "sdk" and sdk_threads:
+        cmd += ["--threads", str(sdk_threads)]
+    return spawn(f"worker-{scenario}", cmd, run_dir)
 
 
 # --------------------------------------------------------------------------- client side
@@ -333,7 +336,7 @@ def one_run(scenario: str, backend: str, args, work_root: Path, label: str) -> d
     try:
         backend_proc = start_backend(backend, port, args, run_dir)
         result["ready_s"] = round(wait_hello(port, backend_proc, args.ready_timeout), 2)
-        worker_proc = start_worker(scenario, port, run_dir)
+        worker_proc = start_worker(scenario, port, run_dir, args.sdk_threads)
         try:
             result.update(asyncio.run(client_session(scenario, port, args, backend_proc, worker_proc)))
         except BenchError as ex:
@@ -373,7 +376,8 @@ def print_tables(results: dict, args) -> dict:
     ratios: dict = {}
     for scenario, per_backend in results.items():
         print(f"\n=== scenario: {scenario}  (n={args.instances}, c={args.concurrency}, "
-              f"warmup={args.warmup}, repeat={args.repeat}, partitions={args.partitions}; "
+              f"warmup={args.warmup}, repeat={args.repeat}, partitions={args.partitions}"
+              f"{f', sdk threads={args.sdk_threads}' if args.sdk_threads and scenario == 'sdk' else ''}; "
               f"medians over repeats) ===")
         hdr = (f"{'backend':<9} {'inst/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'fail':>5}   "
                f"{'cpu% server':>11} {'worker':>6} {'client':>6}   per-run inst/s")
@@ -416,6 +420,8 @@ def parse_args(argv=None):
     ap.add_argument("--partitions", type=int, default=max(2, os.cpu_count() or 2),
                     help="runtime --partitions (default: one per core, at least 2; more than the cores"
                          " buys isolation, not speed)")
+    ap.add_argument("--sdk-threads", type=int, default=None,
+                    help="the SDK worker's maximum_thread_pool_workers (default: the SDK's, cpu+4)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per (scenario, backend); medians reported")
     ap.add_argument("--warmup", type=int, default=50, help="unmeasured instances before each measured run")
     ap.add_argument("--json", action="store_true", help="also print machine-readable results")

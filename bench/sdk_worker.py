@@ -10,7 +10,7 @@ import signal
 import threading
 
 from durabletask import task
-from durabletask.worker import TaskHubGrpcWorker
+from durabletask.worker import ConcurrencyOptions, TaskHubGrpcWorker
 
 from bench.common import CHAIN_LENGTH, HOST, quiet_logger
 
@@ -28,10 +28,12 @@ def bench_chain(ctx: task.OrchestrationContext, x: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=None, help="maximum_thread_pool_workers (SDK default: cpu+4)")
     args = ap.parse_args()
 
     worker = TaskHubGrpcWorker(host_address=f"{HOST}:{args.port}",
-                               logger=quiet_logger("bench-sdk-worker"))
+                               logger=quiet_logger("bench-sdk-worker"),
+                               concurrency_options=ConcurrencyOptions(maximum_thread_pool_workers=args.threads))
     worker.add_orchestrator(bench_chain)
     worker.add_activity(bench_inc)
 
