@@ -235,7 +235,7 @@ class ZmqChannel:
         self._emptied = False
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._check_readable)
+        self._loop.add_reader(self._fd, self._on_readable_fd)
 
     @classmethod
     def router(cls, ctx: zmq.Context, endpoint: str, curve: CurveKeys | None = _UNSET) -> ZmqChannel:
@@ -336,19 +336,27 @@ class ZmqChannel:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _check_readable(self) -> None:
+    def _on_readable_fd(self) -> None:
+        """The loop saw the descriptor signal. ZeroMQ asks for ZMQ_EVENTS to be read after every
+        signal, so it is read here whether or not a receiver waits."""
         if self._handler is not None:
             self._deliver()
             return
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # nobody waits: the receiver drains the socket before it waits again
         try:
             readable = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
         except zmq.ZMQError:
             return
-        if readable:
-            waiter.set_result(None)
+        if readable and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _check_readable(self) -> None:
+        """After a send (which may consume the edge) or before waiting: wake a waiting receiver."""
+        if self._handler is not None:
+            self._deliver()
+            return
+        if self._waiter is None or self._waiter.done():
+            return  # nobody waits: the receiver drains the socket before it waits again
+        self._on_readable_fd()
 
     async def recv(self) -> list[tuple[bytes | None, Message]]:
         """The messages waiting now, at least one; or none, if wake() was called meanwhile."""

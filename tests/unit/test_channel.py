@@ -102,3 +102,33 @@ def test_a_failing_handler_does_not_strand_what_is_still_queued(tmp_path: Path) 
         assert got == list(range(400))
 
     _run(tmp_path, body)
+
+
+def test_an_unread_socket_does_not_keep_the_loop_busy(tmp_path: Path) -> None:
+    """Messages nobody receives (say, for an outbox DEALER) must not make the reader fire every turn."""
+
+    async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        fd = dealer.socket.getsockopt(zmq.FD)
+        reader = dealer._on_readable_fd
+
+        def counting() -> None:
+            nonlocal calls
+            calls += 1
+            reader()
+
+        loop.remove_reader(fd)
+        loop.add_reader(fd, counting)
+        dealer.send({"op": "hello"})  # the router learns the dealer's identity
+        await router.recv()
+        for n in range(3):
+            router.send({"op": "unread", "n": n}, to=b"g-test")
+            router.flush()
+        await _until(lambda: calls >= 1, "the dealer's descriptor to fire")
+        settled = calls
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert calls - settled <= 2, f"the reader fired {calls - settled} more times for 3 unread messages"
+
+    _run(tmp_path, body)
