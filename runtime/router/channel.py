@@ -232,6 +232,7 @@ class ZmqChannel:
         self._woken = False
         self._handler: Callable[[list[tuple[bytes | None, Message]]], None] | None = None
         self._delivering = False
+        self._look_again = False
         self._emptied = False
         self._loop = asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
@@ -317,8 +318,11 @@ class ZmqChannel:
         self._loop.call_soon(self._deliver)  # whatever arrived before we subscribed
 
     def _deliver(self) -> None:
-        if self._delivering or self._handler is None:
-            return  # re-entered from the handler: the running delivery drains the rest
+        if self._handler is None:
+            return
+        if self._delivering:  # re-entered from the handler (say, it flushed): look again afterwards
+            self._look_again = True
+            return
         self._delivering = True
         messages: list[tuple[bytes | None, Message]] = []
         try:
@@ -327,7 +331,9 @@ class ZmqChannel:
                 self._handler(messages)
         finally:
             self._delivering = False
-            if messages and not self._emptied:  # the drain stopped at its bound: read on next turn
+            # The drain stopped at its bound, or a send during the handler may have taken the edge.
+            if (messages and not self._emptied) or self._look_again:
+                self._look_again = False
                 self._loop.call_soon(self._check_readable)
 
     def wake(self) -> None:

@@ -132,3 +132,31 @@ def test_an_unread_socket_does_not_keep_the_loop_busy(tmp_path: Path) -> None:
         assert calls - settled <= 2, f"the reader fired {calls - settled} more times for 3 unread messages"
 
     _run(tmp_path, body)
+
+
+def test_a_handler_that_sends_and_flushes_does_not_strand_later_frames(tmp_path: Path) -> None:
+    """A flush inside the handler may consume the descriptor's edge; frames that arrive meanwhile
+    must still be delivered without a further arrival to prompt them."""
+
+    async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
+        got: list[int] = []
+
+        def handler(messages: list[tuple[bytes | None, dict]]) -> None:
+            got.extend(m["n"] for _, m in messages)
+            if got == [0]:
+                router.send({"op": "go"}, to=b"g-test")  # the peer answers with 1..50 at once
+                router.flush()
+
+        router.subscribe(handler)
+        dealer.send({"op": "x", "n": 0})
+        dealer.flush()
+        await _until(lambda: got[:1] == [0], "the first message")
+        messages = await dealer.recv()
+        assert [m["op"] for _, m in messages] == ["go"]
+        for n in range(1, 51):
+            dealer.send({"op": "x", "n": n})
+            dealer.flush()
+        await _until(lambda: len(got) == 51, "every message")
+        assert got == list(range(51))
+
+    _run(tmp_path, body)
