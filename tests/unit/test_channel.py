@@ -1,10 +1,11 @@
-"""ZmqChannel over real ZeroMQ sockets (ipc in a temp dir): batching, recv, wake and subscribe."""
+"""ZmqChannel over real ZeroMQ sockets (ipc in a short temp dir): batching, recv, wake and subscribe."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import zmq
 
@@ -21,11 +22,15 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-def _run(tmp_path: Path, body: Callable[[ZmqChannel, ZmqChannel], object]) -> None:
+def _run(body: Callable[[ZmqChannel, ZmqChannel], object]) -> None:
+    # Unix socket paths are limited to ~100 bytes, so the socket lives in a short directory of its own.
+    socket_dir = tempfile.mkdtemp(prefix="drch-")
+    endpoint = f"ipc://{socket_dir}/r.sock"
+
     async def main() -> None:
         ctx = zmq.Context()
-        router = ZmqChannel.router(ctx, f"ipc://{tmp_path}/r.sock")
-        dealer = ZmqChannel.dealer(ctx, f"ipc://{tmp_path}/r.sock", b"g-test")
+        router = ZmqChannel.router(ctx, endpoint)
+        dealer = ZmqChannel.dealer(ctx, endpoint, b"g-test")
         try:
             await asyncio.wait_for(body(router, dealer), DEADLINE_S)  # type: ignore[arg-type]
         finally:
@@ -33,10 +38,13 @@ def _run(tmp_path: Path, body: Callable[[ZmqChannel, ZmqChannel], object]) -> No
             router.close()
             ctx.term()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
-def test_messages_sent_in_one_turn_arrive_together_with_the_sender(tmp_path: Path) -> None:
+def test_messages_sent_in_one_turn_arrive_together_with_the_sender() -> None:
     async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
         for n in range(5):
             dealer.send({"op": "x", "n": n})
@@ -45,10 +53,10 @@ def test_messages_sent_in_one_turn_arrive_together_with_the_sender(tmp_path: Pat
         router.send({"op": "reply", "n": 7}, to=b"g-test")
         assert [m for _, m in await dealer.recv()] == [{"op": "reply", "n": 7}]
 
-    _run(tmp_path, body)
+    _run(body)
 
 
-def test_wake_makes_recv_return_without_messages(tmp_path: Path) -> None:
+def test_wake_makes_recv_return_without_messages() -> None:
     async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
         waiting = asyncio.ensure_future(router.recv())
         await asyncio.sleep(0)
@@ -57,10 +65,10 @@ def test_wake_makes_recv_return_without_messages(tmp_path: Path) -> None:
         router.wake()  # a wake while nobody waits ends the next recv at once
         assert await router.recv() == []
 
-    _run(tmp_path, body)
+    _run(body)
 
 
-def test_subscribe_delivers_everything_in_order_from_the_reader(tmp_path: Path) -> None:
+def test_subscribe_delivers_everything_in_order_from_the_reader() -> None:
     async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
         got: list[int] = []
         dealer.send({"op": "x", "n": -1})  # before the subscription
@@ -77,10 +85,10 @@ def test_subscribe_delivers_everything_in_order_from_the_reader(tmp_path: Path) 
         await _until(lambda: len(got) == 601, "every message")
         assert got == list(range(-1, 600))
 
-    _run(tmp_path, body)
+    _run(body)
 
 
-def test_a_failing_handler_does_not_strand_what_is_still_queued(tmp_path: Path) -> None:
+def test_a_failing_handler_does_not_strand_what_is_still_queued() -> None:
     async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
         got: list[int] = []
         calls = 0
@@ -101,10 +109,10 @@ def test_a_failing_handler_does_not_strand_what_is_still_queued(tmp_path: Path) 
         await _until(lambda: len(got) == 400, "every message, with no new arrival to prompt it")
         assert got == list(range(400))
 
-    _run(tmp_path, body)
+    _run(body)
 
 
-def test_an_unread_socket_does_not_keep_the_loop_busy(tmp_path: Path) -> None:
+def test_an_unread_socket_does_not_keep_the_loop_busy() -> None:
     """Messages nobody receives (say, for an outbox DEALER) must not make the reader fire every turn."""
 
     async def body(router: ZmqChannel, dealer: ZmqChannel) -> None:
@@ -131,10 +139,10 @@ def test_an_unread_socket_does_not_keep_the_loop_busy(tmp_path: Path) -> None:
             await asyncio.sleep(0)
         assert calls - settled <= 2, f"the reader fired {calls - settled} more times for 3 unread messages"
 
-    _run(tmp_path, body)
+    _run(body)
 
 
-def test_a_handler_that_sends_and_flushes_does_not_strand_later_frames(tmp_path: Path) -> None:
+def test_a_handler_that_sends_and_flushes_does_not_strand_later_frames() -> None:
     """A flush inside the handler may consume the descriptor's edge; frames that arrive meanwhile
     must still be delivered without a further arrival to prompt them."""
 
@@ -159,4 +167,4 @@ def test_a_handler_that_sends_and_flushes_does_not_strand_later_frames(tmp_path:
         await _until(lambda: len(got) == 51, "every message")
         assert got == list(range(51))
 
-    _run(tmp_path, body)
+    _run(body)
