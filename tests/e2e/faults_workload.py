@@ -82,30 +82,28 @@ def fw_parent(ctx: task.OrchestrationContext, inp: dict):
     return {"child": child, "own": own}
 
 
+def _collect_until(ctx: task.OrchestrationContext, item_event: str, stop_event: str):
+    """Every `item_event` payload received before `stop_event`, in arrival order; the count so far is
+    the custom status."""
+    got = []
+    stop = ctx.wait_for_external_event(stop_event)
+    while True:
+        item = ctx.wait_for_external_event(item_event)
+        winner = yield task.when_any([item, stop])
+        if winner is stop:
+            return got
+        got.append(item.get_result())
+        ctx.set_custom_status(len(got))
+
+
 def fw_events(ctx: task.OrchestrationContext, _):
     """Every `ev` payload raised before `end`, in arrival order."""
-    got = []
-    end = ctx.wait_for_external_event("end")
-    while True:
-        ev = ctx.wait_for_external_event("ev")
-        winner = yield task.when_any([ev, end])
-        if winner is end:
-            return got
-        got.append(ev.get_result())
-        ctx.set_custom_status(len(got))
+    return (yield from _collect_until(ctx, "ev", "end"))
 
 
 def fw_receiver(ctx: task.OrchestrationContext, _):
     """Every `ping` (sent by fw_sender instances on other partitions) received before `fin`."""
-    got = []
-    fin = ctx.wait_for_external_event("fin")
-    while True:
-        ping = ctx.wait_for_external_event("ping")
-        winner = yield task.when_any([ping, fin])
-        if winner is fin:
-            return got
-        got.append(ping.get_result())
-        ctx.set_custom_status(len(got))
+    return (yield from _collect_until(ctx, "ping", "fin"))
 
 
 def fw_sender(ctx: task.OrchestrationContext, inp: dict):

@@ -106,6 +106,18 @@ class Scenario:
         for e in self.events:
             load.raise_until_ok(e.instance_id, "end")
 
+    def complete_and_check(self) -> dict[str, Any]:
+        """After the fault: the rest of the load, the streams' ends, then the checks; returns the figures."""
+        self.finish_load()
+        self.close_streams()
+        return self.check()
+
+    def close(self, worker: Any) -> None:
+        """Always, fault or not: open the gate (no activity stays parked), stop the worker, close clients."""
+        (self.gate / "open").touch()
+        stop_worker(worker)
+        self.load.close()
+
     def check(self) -> dict[str, Any]:
         """Every acknowledged start completes with the exact output; returns the figures."""
         load = self.load
@@ -208,13 +220,9 @@ def test_sigkill_one_partition_under_load(fresh_runtime, tmp_path):
                    not sc.background.is_alive(), timeout=WAIT_S, message="load resumed after the first kill")
         second = (first + 1) % PARTITIONS
         kill_and_wait_restart(lambda: partition_pid(rt, second), f"partition-{second}")
-        sc.finish_load()
-        sc.close_streams()
-        figures = sc.check()
+        figures = sc.complete_and_check()
     finally:
-        (sc.gate / "open").touch()
-        stop_worker(worker)
-        sc.load.close()
+        sc.close(worker)
     assert "exited with -9" in rt.log_tail(400)
     record("test_sigkill_one_partition_under_load", figures, faults=2)
 
@@ -228,13 +236,9 @@ def test_sigkill_gateway_under_load(fresh_runtime, tmp_path):
         # The worker holds the gated activities' work items when the gateway dies; it reconnects by itself.
         kill_and_wait_restart(lambda: gateway_pid(rt), "gateway-0")
         wait_until(lambda: hello_ok(rt.address), timeout=WAIT_S, message="gateway serving again")
-        sc.finish_load()
-        sc.close_streams()
-        figures = sc.check()
+        figures = sc.complete_and_check()
     finally:
-        (sc.gate / "open").touch()
-        stop_worker(worker)
-        sc.load.close()
+        sc.close(worker)
     record("test_sigkill_gateway_under_load", figures, faults=1)
 
 
@@ -246,13 +250,9 @@ def test_sigkill_whole_runtime_then_restart_under_load(fresh_runtime, tmp_path):
         sc.run_first_wave()
         rt.kill()
         rt.restart()
-        sc.finish_load()
-        sc.close_streams()
-        figures = sc.check()
+        figures = sc.complete_and_check()
     finally:
-        (sc.gate / "open").touch()
-        stop_worker(worker)
-        sc.load.close()
+        sc.close(worker)
     record("test_sigkill_whole_runtime_then_restart_under_load", figures, faults=1)
 
 
@@ -276,16 +276,12 @@ def test_sigkill_worker_mid_work_item_then_new_worker(fresh_runtime, tmp_path):
         proc.kill()  # SIGKILL while the gated activities' work items are provably in progress
         proc.wait(timeout=WAIT_S)
         worker = start_worker(rt.address)
-        sc.finish_load()
-        sc.close_streams()
-        figures = sc.check()
+        figures = sc.complete_and_check()
     finally:
-        (sc.gate / "open").touch()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        stop_worker(worker)
-        sc.load.close()
+        sc.close(worker)
     # The activities in progress in the killed worker ran again, to completion, in the new one.
     parked_tags = {p.name.split("-", 1)[1].rsplit(".", 2)[0] for p in parked}
     done_tags = {p.name.split("-", 1)[1].rsplit(".", 2)[0] for p in sc.gate.glob("done-*")

@@ -313,14 +313,7 @@ def test_engine_holds_back_activity_work_items_beyond_the_stream_limit(runtime, 
             elif item.HasField("activityRequest"):
                 activities.append(item)
         # Five activities are queued; the stream holds at most two. Give the engine a second to over-deliver.
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
-            try:
-                item = items.get(timeout=max(0.01, end - time.monotonic()))
-            except queue.Empty:
-                break
-            if item.HasField("activityRequest"):
-                activities.append(item)
+        _collect_activities(items, activities, within_s=1.0)
         assert len(activities) == 2, f"{len(activities)} activity work items delivered to a stream limited to 2"
         # Completing one frees one slot: exactly one more arrives.
         first = activities[0].activityRequest
@@ -332,19 +325,24 @@ def test_engine_holds_back_activity_work_items_beyond_the_stream_limit(runtime, 
             if item.HasField("activityRequest"):
                 activities.append(item)
                 break
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
-            try:
-                item = items.get(timeout=max(0.01, end - time.monotonic()))
-            except queue.Empty:
-                break
-            if item.HasField("activityRequest"):
-                activities.append(item)
+        _collect_activities(items, activities, within_s=1.0)
         assert len(activities) == 3, f"{len(activities)} activity work items after one slot was freed (want 3)"
     finally:
         stream.cancel()
         for iid in ids:
             raw_stub.TerminateInstance(pb.TerminateRequest(instanceId=iid), timeout=PROBE_DEADLINE_S)
+
+
+def _collect_activities(items: queue.Queue[Any], activities: list[Any], within_s: float) -> None:
+    """Add the activity work items that arrive within `within_s` (the stream may over-deliver)."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        try:
+            item = items.get(timeout=max(0.01, end - time.monotonic()))
+        except queue.Empty:
+            break
+        if item.HasField("activityRequest"):
+            activities.append(item)
 
 
 def _iterate(stream: Any):
