@@ -146,9 +146,11 @@ def running_worker(address: str, orchestrators: Iterable[Callable[..., Any]] = (
 
 
 class RawStream:
-    """A raw GetWorkItems stream; its items (health pings dropped) are read on a thread into a queue."""
+    """A raw GetWorkItems stream; its items (health pings dropped, unless `keep_pings`) are read on a thread
+    into a queue."""
 
-    def __init__(self, channel: grpc.Channel, request: pb.GetWorkItemsRequest) -> None:
+    def __init__(self, channel: grpc.Channel, request: pb.GetWorkItemsRequest, keep_pings: bool = False) -> None:
+        self.keep_pings = keep_pings
         call = channel.unary_stream(
             "/TaskHubSidecarService/GetWorkItems",
             request_serializer=pb.GetWorkItemsRequest.SerializeToString,
@@ -162,7 +164,7 @@ class RawStream:
     def _read(self) -> None:
         with contextlib.suppress(grpc.RpcError):
             for item in self.call:
-                if not item.HasField("healthPing"):
+                if self.keep_pings or not item.HasField("healthPing"):
                     self.items.put(item)
 
     def next(self, timeout: float = DEADLINE_S) -> pb.WorkItem:
