@@ -1,5 +1,9 @@
-"""Idle worker streams: the engine sends a healthPing work item after each silent interval (30 s by default;
-`--health-ping-interval-s` here), and pings do not get in the way of real work items. Engine only.
+"""Worker streams seen from a raw protocol worker, with no SDK worker competing for the items. Engine only.
+
+- An idle stream gets a healthPing work item after each silent interval (30 s by default;
+  `--health-ping-interval-s` here), and pings do not get in the way of real work items.
+- A completion token is good once: reused, or used after its item was abandoned, it gets FAILED_PRECONDITION
+  with a clear message and changes nothing. An abandoned item comes back with a new token.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import grpc
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+from google.protobuf import wrappers_pb2
 
 from .conftest import EngineRuntime
 from .helpers import DEADLINE_S, RawStream, new_id
@@ -67,5 +72,68 @@ def test_idle_stream_gets_repeated_health_pings_and_work_still_flows(pinging_run
             after: list[str] = []
             next_of_kind(stream, "healthPing", after)  # idle again: the pings resume
             assert after == [], f"unexpected items after the instance completed: {after}"
+        finally:
+            stream.close()
+
+
+def assert_stale(call: Any) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, f"{err.value.code()}: {err.value.details()}"
+    assert "is not the current lease" in err.value.details(), err.value.details()
+
+
+def test_a_used_or_abandoned_token_is_stale_and_changes_nothing(pinging_runtime):
+    with grpc.insecure_channel(pinging_runtime.address) as channel:
+        stub = stubs.TaskHubSidecarServiceStub(channel)
+        stream = RawStream(channel, pb.GetWorkItemsRequest())
+        try:
+            instance_id = new_id("stale")
+            stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="staled"), timeout=DEADLINE_S)
+            first = next_of_kind(stream, "orchestratorRequest", [])
+            schedule = pb.OrchestratorResponse(
+                instanceId=instance_id, completionToken=first.completionToken,
+                actions=[pb.OrchestratorAction(id=1, scheduleTask=pb.ScheduleTaskAction(name="act"))])
+            stub.CompleteOrchestratorTask(schedule, timeout=DEADLINE_S)
+            assert_stale(lambda: stub.CompleteOrchestratorTask(schedule, timeout=DEADLINE_S))
+
+            activity = next_of_kind(stream, "activityRequest", [])
+            assert activity.activityRequest.taskId == 1
+
+            def result(value: str) -> pb.ActivityResponse:
+                return pb.ActivityResponse(instanceId=instance_id, taskId=1, completionToken=activity.completionToken,
+                                           result=wrappers_pb2.StringValue(value=value))
+
+            stub.CompleteActivityTask(result('"first"'), timeout=DEADLINE_S)
+            assert_stale(lambda: stub.CompleteActivityTask(result('"second"'), timeout=DEADLINE_S))
+
+            replay = next_of_kind(stream, "orchestratorRequest", [])
+            results = [e.taskCompleted.result.value for e in replay.orchestratorRequest.newEvents
+                       if e.HasField("taskCompleted")]
+            assert results == ['"first"'], replay.orchestratorRequest.newEvents
+
+            stub.AbandonTaskOrchestratorWorkItem(
+                pb.AbandonOrchestrationTaskRequest(completionToken=replay.completionToken), timeout=DEADLINE_S)
+            finish = pb.OrchestratorResponse(
+                instanceId=instance_id, completionToken=replay.completionToken,
+                actions=[pb.OrchestratorAction(id=2, completeOrchestration=pb.CompleteOrchestrationAction(
+                    orchestrationStatus=pb.ORCHESTRATION_STATUS_COMPLETED,
+                    result=wrappers_pb2.StringValue(value='"done"')))])
+            assert_stale(lambda: stub.CompleteOrchestratorTask(finish, timeout=DEADLINE_S))
+            state = stub.GetInstance(pb.GetInstanceRequest(instanceId=instance_id), timeout=DEADLINE_S)
+            assert state.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_RUNNING
+
+            again = next_of_kind(stream, "orchestratorRequest", [])  # the abandoned item, after a short backoff
+            assert again.completionToken != replay.completionToken
+            results = [e.taskCompleted.result.value
+                       for e in [*again.orchestratorRequest.pastEvents, *again.orchestratorRequest.newEvents]
+                       if e.HasField("taskCompleted")]
+            assert results == ['"first"'], again.orchestratorRequest
+            finish.completionToken = again.completionToken
+            stub.CompleteOrchestratorTask(finish, timeout=DEADLINE_S)
+            done = stub.WaitForInstanceCompletion(
+                pb.GetInstanceRequest(instanceId=instance_id, getInputsAndOutputs=True), timeout=DEADLINE_S)
+            assert done.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_COMPLETED
+            assert done.orchestrationState.output.value == '"done"'
         finally:
             stream.close()
