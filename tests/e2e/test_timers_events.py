@@ -11,7 +11,7 @@ import pytest
 from durabletask import task
 from durabletask.client import OrchestrationStatus
 
-from .helpers import DEADLINE_S, id_not_on_partition, new_id, partition_of
+from .helpers import DEADLINE_S, PARTITIONS, id_not_on_partition, id_on_partition, new_id, partition_of
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,6 +235,29 @@ def test_send_event_to_missing_instance_does_not_fail_sender(client):
     iid = start(client, sender, {"target": missing, "event": "ping", "data": 1})
     assert complete(client, iid) == "SENT"
     assert client.get_orchestration_state(missing) is None
+
+
+def test_send_event_to_completed_instance_is_dropped(client):
+    done_id = new_id("done")
+    start(client, receiver, instance_id=done_id)
+    client.raise_orchestration_event(done_id, "ping", data=1)
+    assert complete(client, done_id) == {"got": 1}
+
+    home, away = partition_of(done_id), (partition_of(done_id) + 1) % PARTITIONS
+    late = start(client, sender, {"target": done_id, "event": "ping", "data": 2},
+                 instance_id=id_on_partition("late", away))
+    assert complete(client, late) == "SENT"
+    # One partition's deliveries to another are applied in its outbox order: once a later event from the
+    # same partition has reached a probe beside the completed instance, the late event has been handled.
+    probe = start(client, receiver, instance_id=id_on_partition("probe", home))
+    after = start(client, sender, {"target": probe, "event": "ping", "data": 3},
+                  instance_id=id_on_partition("after", away))
+    assert complete(client, after) == "SENT"
+    assert complete(client, probe) == {"got": 3}
+
+    state = client.get_orchestration_state(done_id)
+    assert state.runtime_status == OrchestrationStatus.COMPLETED
+    assert state.get_output() == {"got": 1}
 
 
 def test_raise_event_many_instances(client):
