@@ -3,6 +3,8 @@ same data dir and port. Engine only (the in-memory backend keeps nothing)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from datetime import timedelta
 
@@ -10,6 +12,7 @@ import pytest
 from durabletask import task
 from durabletask.client import OrchestrationStatus, TaskHubGrpcClient
 
+from .conftest import REPO_ROOT, STARTUP_DEADLINE_S
 from .helpers import (
     DEADLINE_S,
     id_not_on_partition,
@@ -230,6 +233,31 @@ def test_sigterm_shutdown_and_restart_keeps_waiting_instances(fresh_runtime):
             st = client.wait_for_orchestration_completion(iid, timeout=DEADLINE_S)
             assert st.runtime_status == OrchestrationStatus.COMPLETED
             assert st.get_output() == n
+
+
+def test_restart_with_another_partition_count_is_refused_and_the_data_is_kept(fresh_runtime):
+    rt = fresh_runtime
+    with TaskHubGrpcClient(host_address=rt.address) as client:
+        kept = client.schedule_new_orchestration(wait_event, instance_id=new_id("kept"))
+    assert rt.terminate() == 0
+
+    command = rt.command()
+    command[command.index("--partitions") + 1] = str(rt.partitions + 1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    refused = subprocess.run(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=STARTUP_DEADLINE_S)
+    assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
+    assert (f"was created with {rt.partitions} partitions; refusing to start with --partitions {rt.partitions + 1}"
+            in refused.stderr), refused.stderr
+
+    rt.restart()  # the recorded count still works, and nothing was lost
+    with running_worker(rt.address, ORCHESTRATORS, ACTIVITIES) as _, \
+            TaskHubGrpcClient(host_address=rt.address) as client:
+        client.wait_for_orchestration_start(kept, timeout=DEADLINE_S)
+        client.raise_orchestration_event(kept, "resume", data="after")
+        state = client.wait_for_orchestration_completion(kept, timeout=DEADLINE_S)
+        assert state.runtime_status == OrchestrationStatus.COMPLETED
+        assert state.get_output() == "after"
 
 
 def test_timer_pending_at_crash_fires_after_restart(fresh_runtime):
