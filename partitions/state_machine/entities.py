@@ -8,13 +8,14 @@ last one grants the lock to the orchestration. While locked, only calls from the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from partitions.state_machine import actions as act
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.start_instance import create_instance
-from partitions.store.keys import TIMER_ENTITY_SIGNAL
+from partitions.store.keys import TIMER_ENTITY_RELEASE, TIMER_ENTITY_SIGNAL
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
 
@@ -61,6 +62,8 @@ def advance(ctx: Ctx, entity_id: str, record: Record) -> None:
     """Apply queued lock requests and unlocks that are due, then queue the entity if it has work."""
     if entity_id in ctx.state.ent_leases:
         return  # a batch is running: look again when it completes
+    if record.get("hu", 0) > ctx.now_ms:
+        return  # held after an abandoned batch: the release timer looks again
     for _ in range(10_000):
         if not _step_locks(ctx, entity_id, record):
             break
@@ -71,6 +74,35 @@ def advance(ctx: Ctx, entity_id: str, record: Record) -> None:
         record["rq"] = ctx.state.next_seq()
         ctx.txn.put_ent_ready(record["rq"], entity_id)
         ctx.actions.append(act.WorkAvailable())
+
+
+def requeue_entity(ctx: Ctx, entity_id: str, hold_ms: Callable[[int], int] | None) -> None:
+    """An abandoned batch: its operations are still in the inbox, so they run again.
+
+    With `hold_ms` (a worker abandoned the batch; it maps the entity's abandon count to a delay) the
+    entity is held for that long first, so a failing batch does not bounce straight back.
+    """
+    record = _load(ctx, entity_id)
+    if hold_ms is not None:
+        record["ab"] = record.get("ab", 0) + 1
+        record["hu"] = ctx.now_ms + hold_ms(record["ab"] - 1)
+        if record["rq"]:
+            ctx.txn.delete_ent_ready(record["rq"])
+            record["rq"] = 0
+        ctx.schedule_timer(record["hu"], entity_id, 0, {}, TIMER_ENTITY_RELEASE)
+    else:
+        advance(ctx, entity_id, record)
+    _save(ctx, entity_id, record)
+
+
+def release_entity(ctx: Ctx, entity_id: str) -> None:
+    """The hold after an abandoned batch is over."""
+    record = ctx.txn.get_entity(entity_id)
+    if record is None:
+        return
+    record["hu"] = 0
+    advance(ctx, entity_id, record)
+    _save(ctx, entity_id, record)
 
 
 def _step_locks(ctx: Ctx, entity_id: str, record: Record) -> bool:
@@ -157,6 +189,7 @@ def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if not batch_failed:
         record["st"] = result.entityState.value if result.HasField("entityState") else None
     record["lm"] = ctx.now_ms
+    record.pop("ab", None)  # a worker completed a batch: the abandon backoff starts over
     for index, event in enumerate(dispatched):
         if event.HasField("entityOperationCalled"):
             outcome = result.results[index] if index < len(result.results) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine.context import Ctx
+from partitions.state_machine.entities import requeue_entity
 from partitions.state_machine.state import Lease
 from partitions.store.keys import SCHEDULED_START_TIMER_ID, TIMER_ACTIVITY, TIMER_RELEASE
 from runtime.errors import StaleCompletionError
@@ -24,6 +25,10 @@ def requeue(ctx: Ctx, lease: Lease, backoff: bool = False) -> None:
     1 s doubling to 30 s, so it does not bounce straight back to the same worker.
     """
     ctx.state.release(lease)
+    if lease.kind == "e":
+        assert isinstance(lease.key, str)
+        requeue_entity(ctx, lease.key, backoff_ms if backoff else None)
+        return
     if lease.kind == "o":
         instance_id = lease.key
         assert isinstance(instance_id, str)

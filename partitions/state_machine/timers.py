@@ -7,8 +7,8 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx
-from partitions.state_machine.entities import apply_entity_message
-from partitions.store.keys import TIMER_ACTIVITY, TIMER_ENTITY_SIGNAL, TIMER_RELEASE
+from partitions.state_machine.entities import apply_entity_message, release_entity
+from partitions.store.keys import TIMER_ACTIVITY, TIMER_ENTITY_RELEASE, TIMER_ENTITY_SIGNAL, TIMER_RELEASE
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ def apply_fire_timers(ctx: Ctx, cmd: dict[str, Any]) -> None:
 def _fire(ctx: Ctx, kind: int, instance_id: str, timer_id: int, fire_ms: int, row: dict[str, Any]) -> None:
     if kind == TIMER_ENTITY_SIGNAL:
         apply_entity_message(ctx, {"i": instance_id, "ev": row["ev"]})
+        return
+    if kind == TIMER_ENTITY_RELEASE:
+        release_entity(ctx, instance_id)
         return
     record = ctx.load(instance_id)
     if record is None or record["s"] in ev.TERMINAL or record["x"] != row["x"]:

@@ -39,6 +39,7 @@ TIMER_ORCHESTRATION = 0  # createTimer: becomes timerFired(timer id)
 TIMER_RELEASE = 1  # releases a held instance: scheduled start, abandon backoff
 TIMER_ACTIVITY = 2  # an abandoned activity goes back to the queue (id: task id)
 TIMER_ENTITY_SIGNAL = 3  # a scheduled entity operation is delivered (id: a sequence number)
+TIMER_ENTITY_RELEASE = 4  # an entity held after an abandoned batch is queued again (id: 0)
 SCHEDULED_START_TIMER_ID = 0  # the id of TIMER_RELEASE rows
 
 META_PARTITION_COUNT = b"partition_count"

@@ -4,6 +4,7 @@
   `--health-ping-interval-s` here), and pings do not get in the way of real work items.
 - A completion token is good once: reused, or used after its item was abandoned, it gets FAILED_PRECONDITION
   with a clear message and changes nothing. An abandoned item comes back with a new token.
+- An entity batch in flight on a stream that ends comes back on the next stream.
 """
 
 from __future__ import annotations
@@ -137,3 +138,33 @@ def test_a_used_or_abandoned_token_is_stale_and_changes_nothing(pinging_runtime)
             assert done.orchestrationState.output.value == '"done"'
         finally:
             stream.close()
+
+
+def test_an_entity_batch_held_by_a_closed_stream_comes_back(pinging_runtime):
+    """A stream that ends with an entity batch in flight hands it back (this once took its partition down)."""
+    entity_id = f"@counter@{new_id('closed')}"
+    with grpc.insecure_channel(pinging_runtime.address) as channel:
+        stub = stubs.TaskHubSidecarServiceStub(channel)
+        first = RawStream(channel, pb.GetWorkItemsRequest())
+        try:
+            stub.SignalEntity(pb.SignalEntityRequest(instanceId=entity_id, name="add", requestId="r1",
+                                                     input=wrappers_pb2.StringValue(value="5")), timeout=DEADLINE_S)
+            held = next_of_kind(first, "entityRequestV2", [])
+            assert held.entityRequestV2.instanceId == entity_id
+        finally:
+            first.close()
+
+        second = RawStream(channel, pb.GetWorkItemsRequest())
+        try:
+            again = next_of_kind(second, "entityRequestV2", [])
+            assert again.completionToken != held.completionToken
+            assert [e.entityOperationSignaled.operation for e in again.entityRequestV2.operationRequests] == ["add"]
+            stub.CompleteEntityTask(pb.EntityBatchResult(
+                completionToken=again.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
+                results=[pb.OperationResult(success=pb.OperationResultSuccess())]), timeout=DEADLINE_S)
+        finally:
+            second.close()
+        got = stub.GetEntity(pb.GetEntityRequest(instanceId=entity_id, includeState=True), timeout=DEADLINE_S)
+        assert got.exists and got.entity.serializedState.value == "5", got
+    log = pinging_runtime.log_path.read_text(errors="replace")
+    assert "exited with" not in log, pinging_runtime.log_tail()

@@ -221,6 +221,13 @@ class Core:
             )
         return [(token, pb.WorkItem.FromString(raw)) for token, raw in items]
 
+    def dispatch_ent(self, limit: int = 100, now: int | None = None) -> list[tuple[str, pb.WorkItem]]:
+        with self.read() as txn:
+            items = dispatch.dispatch_entities(
+                txn, self.state, GATEWAY, limit, self.now if now is None else now, LEASE_MS
+            )
+        return [(token, pb.WorkItem.FromString(raw)) for token, raw in items]
+
     def dispatch_one(self, instance_id: str) -> tuple[str, pb.OrchestratorRequest]:
         """Dispatch and return the single orchestrator work item, which must be for `instance_id`."""
         items = self.dispatch_orch()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import wrappers_pb2
 
 from partitions.state_machine import actions as act
 from protos import orchestrator_service_pb2 as pb
@@ -223,3 +224,88 @@ def test_explicit_activity_abandon_requeues_after_the_backoff(core):
     [(token2, again)] = core.dispatch_act(now=core.now + 1000)
     assert token2 != token
     assert again.activityRequest == item.activityRequest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entity batches: a closed stream, an expired lease or a gone gateway puts them back; an explicit abandon
+# holds the entity first
+# ---------------------------------------------------------------------------------------------------------
+ENTITY = "@counter@one"
+
+
+def signal(core, operation: str) -> None:
+    core.request({"op": "signal_entity", "i": ENTITY, "n": operation, "req": f"req-{operation}"})
+
+
+def operations(item: pb.WorkItem) -> list[str]:
+    assert item.WhichOneof("request") == "entityRequestV2"
+    return [event.entityOperationSignaled.operation for event in item.entityRequestV2.operationRequests]
+
+
+def complete_batch(core, token: str, count: int, state: str) -> list[act.Reply]:
+    result = pb.EntityBatchResult(
+        completionToken=token, entityState=wrappers_pb2.StringValue(value=state),
+        results=[pb.OperationResult(success=pb.OperationResultSuccess()) for _ in range(count)])
+    return replies(core.request({"op": "complete_ent", "tok": token, "resp": result.SerializeToString()}))
+
+
+def test_entity_batch_of_a_closed_stream_runs_again(core):
+    signal(core, "add")
+    signal(core, "reset")
+    [(token, item)] = core.dispatch_ent()
+    assert operations(item) == ["add", "reset"]
+    assert core.dispatch_ent() == []
+
+    core.request({"op": "abandon", "tok": token, "quiet": True})  # what the gateway sends for a closed stream
+
+    [(token2, again)] = core.dispatch_ent()
+    assert token2 != token
+    assert operations(again) == ["add", "reset"]
+    with pytest.raises(StaleCompletionError):
+        complete_batch(core, token, 2, "stale")
+    assert len(complete_batch(core, token2, 2, "1")) == 1
+    assert core.dispatch_ent() == []
+    with core.read() as txn:
+        assert txn.get_entity(ENTITY)["st"] == "1"
+
+
+def test_release_gateway_and_expired_lease_requeue_an_entity_batch(core):
+    signal(core, "add")
+    core.dispatch_ent()
+    core.apply({"op": "release_gateway", "g": GATEWAY})
+    [(token, item)] = core.dispatch_ent()
+    assert operations(item) == ["add"]
+
+    core.request({"op": "abandon", "tok": token, "quiet": True}, now=core.now + LEASE_MS + 1)  # the expiry path
+    assert [operations(i) for _, i in core.dispatch_ent(now=core.now + LEASE_MS + 1)] == [["add"]]
+
+
+def test_explicit_entity_abandon_holds_the_entity_with_a_backoff(core):
+    signal(core, "add")
+    [(token, _)] = core.dispatch_ent()
+
+    core.request({"op": "abandon", "tok": token})
+
+    assert core.dispatch_ent() == []
+    signal(core, "add-more")  # new work does not cut the hold short
+    assert core.dispatch_ent() == []
+    core.apply({"op": "fire_timers"}, now=core.now + 999)
+    assert core.dispatch_ent(now=core.now + 999) == []
+    core.apply({"op": "fire_timers"}, now=core.now + 1000)
+    [(token2, item)] = core.dispatch_ent(now=core.now + 1000)
+    assert operations(item) == ["add", "add-more"]
+
+    core.now += 1000
+    core.request({"op": "abandon", "tok": token2})  # the second abandon in a row waits twice as long
+    core.apply({"op": "fire_timers"}, now=core.now + 1999)
+    assert core.dispatch_ent(now=core.now + 1999) == []
+    core.apply({"op": "fire_timers"}, now=core.now + 2000)
+    [(token3, _)] = core.dispatch_ent(now=core.now + 2000)
+
+    core.now += 2000
+    complete_batch(core, token3, 2, "2")
+    signal(core, "add")
+    [(token4, _)] = core.dispatch_ent()
+    core.request({"op": "abandon", "tok": token4})  # a completed batch started the backoff over
+    core.apply({"op": "fire_timers"}, now=core.now + 1000)
+    assert len(core.dispatch_ent(now=core.now + 1000)) == 1
