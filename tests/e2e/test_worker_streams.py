@@ -4,7 +4,7 @@
   `--health-ping-interval-s` here), and pings do not get in the way of real work items.
 - A completion token is good once: reused, or used after its item was abandoned, it gets FAILED_PRECONDITION
   with a clear message and changes nothing. An abandoned item comes back with a new token.
-- An entity batch in flight on a stream that ends comes back on the next stream.
+- An entity batch in flight on a stream that ends comes back on the next stream; abandoned, it comes back too.
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ def test_a_used_or_abandoned_token_is_stale_and_changes_nothing(pinging_runtime)
             stream.close()
 
 
-def test_an_entity_batch_held_by_a_closed_stream_comes_back(pinging_runtime):
-    """A stream that ends with an entity batch in flight hands it back (this once took its partition down)."""
+def test_an_entity_batch_held_by_a_closed_stream_or_abandoned_comes_back(pinging_runtime):
+    """A stream that ends with an entity batch in flight hands it back (this once took its partition down), and so
+    does an explicit abandon."""
     entity_id = f"@counter@{new_id('closed')}"
     with grpc.insecure_channel(pinging_runtime.address) as channel:
         stub = stubs.TaskHubSidecarServiceStub(channel)
@@ -159,8 +160,14 @@ def test_an_entity_batch_held_by_a_closed_stream_comes_back(pinging_runtime):
             again = next_of_kind(second, "entityRequestV2", [])
             assert again.completionToken != held.completionToken
             assert [e.entityOperationSignaled.operation for e in again.entityRequestV2.operationRequests] == ["add"]
+            # An explicit abandon holds the entity (about a second), then the batch comes back once more.
+            stub.AbandonTaskEntityWorkItem(pb.AbandonEntityTaskRequest(completionToken=again.completionToken),
+                                           timeout=DEADLINE_S)
+            last = next_of_kind(second, "entityRequestV2", [])
+            assert last.completionToken not in (held.completionToken, again.completionToken)
+            assert [e.entityOperationSignaled.operation for e in last.entityRequestV2.operationRequests] == ["add"]
             stub.CompleteEntityTask(pb.EntityBatchResult(
-                completionToken=again.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
+                completionToken=last.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
                 results=[pb.OperationResult(success=pb.OperationResultSuccess())]), timeout=DEADLINE_S)
         finally:
             second.close()
