@@ -5,7 +5,7 @@ import sys
 
 import lmdb
 
-from partitions.process import PartitionDataError, PartitionProcess
+from partitions.process import PartitionBusyError, PartitionDataError, PartitionProcess
 from runtime.logs import setup_logging
 from runtime.processes import become_child, config_from_env, run_loop
 
@@ -24,6 +24,9 @@ def main() -> int:
     except PartitionDataError as exc:
         print(f"durable-runtime: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
+    except PartitionBusyError as exc:  # say, a partition of a node that is still dying: retried with backoff
+        print(f"durable-runtime: {exc}", file=sys.stderr)
+        return 1
     except lmdb.Error as exc:  # e.g. no space to start a new epoch: the supervisor retries with backoff
         print(f"durable-runtime: partition {args.index} could not open its store: {exc}", file=sys.stderr)
         return 1

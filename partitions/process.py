@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from partitions.state_machine.queries import condition_met, instance_state
 from partitions.state_machine.state import CoreState
 from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore, StoreTxn
+from runtime import locks
 from runtime.config import Config
 from runtime.errors import DurableRuntimeError
 from runtime.processes import STOP_SIGNAL
@@ -42,6 +44,21 @@ def now_ms() -> int:
 
 class PartitionDataError(Exception):
     """The data directory belongs to another partition layout."""
+
+
+class PartitionBusyError(Exception):
+    """Another process has this partition's store open."""
+
+
+def claim_store(config: Config, partition: int) -> int:
+    """One process per partition store, whatever the supervisors think (see runtime/locks.py)."""
+    path = config.partition_data_dir(partition)
+    os.makedirs(path, exist_ok=True)
+    try:
+        return locks.claim(os.path.join(path, "partition.lock"))
+    except locks.ClaimHeld as held:
+        by = f"pid {held.holder}" if held.holder else "another process"
+        raise PartitionBusyError(f"partition {partition}: its store {path} is in use by {by}") from None
 
 
 def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
@@ -87,6 +104,7 @@ class PartitionProcess:
     def __init__(self, config: Config, partition: int) -> None:
         self.config = config
         self.partition = partition
+        self.claim = claim_store(config, partition)  # held until the process exits
         self.store, self.state = open_store(config, partition)
         self.ctx = zmq.Context()
         self.channel: ZmqChannel = None  # type: ignore[assignment]  # bound in serve(), on the loop

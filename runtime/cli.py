@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_node(argv: list[str]) -> int:
     from runtime.logs import setup_logging
-    from runtime.supervisor import DataDirError, Supervisor
+    from runtime.supervisor import StartupError, Supervisor
 
     parser = build_parser()
     parser.epilog = ADMIN_EPILOG
@@ -37,7 +37,7 @@ def run_node(argv: list[str]) -> int:
     setup_logging(config.log_level, "supervisor")
     try:
         return Supervisor(config).run()
-    except DataDirError as exc:
+    except StartupError as exc:
         print(f"durable-runtime: {exc}", file=sys.stderr)
         return 2
 

@@ -14,18 +14,21 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from runtime import locks
 from runtime.config import Config
 from runtime.processes import CONFIG_ENV, STOP_SIGNAL, config_to_env
 
 log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "durable-runtime.json"
+CLAIM_FILE = "durable-runtime.lock"  # held by the running node's supervisor
 EXIT_BAD_DATA = 78
 EXIT_BAD_CONFIG = 2
 EXIT_UNCLEAN_STOP = 1
@@ -36,19 +39,55 @@ _GATEWAY_STOP_MARGIN_S = 5.0  # beyond drain_grace_s, for the gateway to end its
 _PARTITION_STOP_S = 10.0
 
 
-class DataDirError(Exception):
-    """The data directory cannot be used with this configuration."""
+class StartupError(Exception):
+    """This node cannot start: its data directory or its ports are taken, or the directory has another layout."""
+
+
+def claim_data_dir(config: Config) -> int:
+    """One node per data directory: the claim lasts as long as this supervisor (see runtime/locks.py).
+
+    Without it a second node started on the same directory by mistake would open the same stores and bind
+    the same ipc sockets, beside the first one's processes.
+    """
+    os.makedirs(config.data_dir, exist_ok=True)
+    try:
+        return locks.claim(os.path.join(config.data_dir, CLAIM_FILE))
+    except locks.ClaimHeld as held:
+        by = f" (supervisor pid {held.holder})" if held.holder else ""
+        raise StartupError(
+            f"{config.data_dir} is in use by another durable-runtime node{by}; stop it first,"
+            " or give this node its own --data-dir"
+        ) from None
+
+
+def check_zmq_ports(config: Config) -> None:
+    """With the tcp transport, every partition's port must be free: a port already taken could be another
+    node's partition, and this node's gateway would then talk to it."""
+    if config.zmq_transport != "tcp":
+        return
+    host = "" if config.zmq_host in ("*", "0.0.0.0") else config.zmq_host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for partition in range(config.partitions):
+        port = config.zmq_base_port + partition
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise StartupError(
+                    f"partition {partition}'s ZeroMQ port {config.zmq_host}:{port} is not free ({exc.strerror});"
+                    " is another durable-runtime node using it? Give each node on a host its own --zmq-base-port"
+                ) from None
 
 
 def check_data_dir(config: Config) -> None:
     """Record the partition count on first start; refuse another count later (no rebalancing yet)."""
-    os.makedirs(config.data_dir, exist_ok=True)
     path = os.path.join(config.data_dir, LAYOUT_FILE)
     if os.path.exists(path):
         with open(path) as f:
             recorded = json.load(f).get("partitions")
         if recorded != config.partitions:
-            raise DataDirError(
+            raise StartupError(
                 f"{config.data_dir} was created with {recorded} partitions; refusing to start with"
                 f" --partitions {config.partitions} (the partition count of a data directory is fixed)"
             )
@@ -118,7 +157,9 @@ class Supervisor:
             log.error("%s", exc)
             print(f"durable-runtime: {exc}", file=sys.stderr)
             return EXIT_BAD_CONFIG
+        self.claim = claim_data_dir(self.config)
         check_data_dir(self.config)
+        check_zmq_ports(self.config)
         os.makedirs(self.config.runtime_dir(), exist_ok=True)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -77,6 +78,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(count: int, attempts: int = 200) -> int:
+    """The first of `count` consecutive loopback ports that are free now (for --zmq-base-port)."""
+    for _ in range(attempts):
+        base = random.randrange(20_000, 60_000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 def _group_alive(pgid: int) -> bool:
     """True while any non-zombie process is left in process group `pgid`."""
     proc = Path("/proc")
@@ -125,6 +145,8 @@ class EngineRuntime:
         self.address = f"{self.host}:{self.port}"
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-runtime.log"
         self.extra_args = list(extra_args) + os.environ.get("DURABLE_E2E_RUNTIME_ARGS", "").split()
+        if "tcp" in self.extra_args and "--zmq-base-port" not in self.extra_args:  # every node its own ports
+            self.extra_args += ["--zmq-base-port", str(free_port_range(partitions))]
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid: int | None = None
         self.starts = 0

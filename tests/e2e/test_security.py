@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from runtime.router.channel import CurveKeys, ZmqChannel
 
-from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port
+from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port, free_port_range
 from .helpers import DEADLINE_S, PARTITIONS, hello_ok, ids_on_different_partitions, partition_of
 
 pytestmark = [pytest.mark.engine_only]
@@ -397,27 +396,6 @@ def test_curve_rejects_peers_without_the_right_keys(case: str):
         client = None
     worked, event = asyncio.run(exchange(keys, client))
     assert not worked and event & _HANDSHAKE_FAILED, (case, event)
-
-
-def free_port_range(count: int) -> int:
-    """A base port such that base .. base+count-1 are all free on loopback right now."""
-    for _ in range(200):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise AssertionError("no free port range")
 
 
 def test_runtime_over_tcp_with_curve(start_runtime: Callable[..., SecureRuntime], tmp_path: Path):
