@@ -356,11 +356,8 @@ class ZmqChannel:
             self._waiter.set_result(None)
 
     def _check_readable(self) -> None:
-        """After a send (which may consume the edge) or before waiting: wake a waiting receiver."""
-        if self._handler is not None:
-            self._deliver()
-            return
-        if self._waiter is None or self._waiter.done():
+        """After a send (which may consume the edge) or before waiting: deliver, or wake a waiting receiver."""
+        if self._handler is None and (self._waiter is None or self._waiter.done()):
             return  # nobody waits: the receiver drains the socket before it waits again
         self._on_readable_fd()
 
