@@ -72,6 +72,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     return report
 
 
+def subprocess_env(environ: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess of this suite (`environ`, default ours): this checkout first on
+    PYTHONPATH, plus `extra`."""
+    env = dict(os.environ if environ is None else environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -164,8 +173,7 @@ class EngineRuntime:
 
     def start(self) -> EngineRuntime:
         assert self.proc is None or self.proc.poll() is not None, "runtime already running"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env = subprocess_env()
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.starts += 1
         with open(self.log_path, "ab") as log:
@@ -186,6 +194,15 @@ class EngineRuntime:
             _ACTIVE_RUNTIMES.append(self)
         self.wait_ready()
         return self
+
+    def run_refused(self, flags: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
+        """This runtime's command with `flags` set to other values (and `extra` added), run in the foreground
+        until it exits: for a start that must be refused. A start that is not refused times out."""
+        command = self.command()
+        for flag, value in flags.items():
+            command[command.index(flag) + 1] = value
+        return subprocess.run([*command, *extra], cwd=REPO_ROOT, env=subprocess_env(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=STARTUP_DEADLINE_S)
 
     def wait_ready(self, timeout: float = STARTUP_DEADLINE_S) -> None:
         deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ from durabletask.client import OrchestrationStatus
 from durabletask.internal import orchestrator_service_pb2 as pb
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port
+from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port, subprocess_env
 from .helpers import DEADLINE_S, new_id, wait_until
 
 pytestmark = pytest.mark.engine_only
@@ -94,10 +94,8 @@ def worker(runtime):
 # ---------------------------------------------------------------------------------------------------------
 def run_cli(address: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m runtime <args>` with DURABLE_RUNTIME_ADDRESS pointing at `address`."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_RUNTIME_")}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    full_env["DURABLE_RUNTIME_ADDRESS"] = address
-    full_env.update(env or {})
+    full_env = subprocess_env({k: v for k, v in os.environ.items() if not k.startswith("DURABLE_RUNTIME_")},
+                              **{"DURABLE_RUNTIME_ADDRESS": address, **(env or {})})
     return subprocess.run([sys.executable, "-m", "runtime", *args], cwd=REPO_ROOT, env=full_env,
                           capture_output=True, text=True, timeout=DEADLINE_S * 2, stdin=subprocess.DEVNULL)
 

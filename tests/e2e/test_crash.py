@@ -3,8 +3,6 @@ same data dir and port. Engine only (the in-memory backend keeps nothing)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 from datetime import timedelta
 
@@ -12,7 +10,6 @@ import pytest
 from durabletask import task
 from durabletask.client import OrchestrationStatus, TaskHubGrpcClient
 
-from .conftest import REPO_ROOT, STARTUP_DEADLINE_S
 from .helpers import (
     DEADLINE_S,
     id_not_on_partition,
@@ -241,11 +238,7 @@ def test_restart_with_another_partition_count_is_refused_and_the_data_is_kept(fr
         kept = client.schedule_new_orchestration(wait_event, instance_id=new_id("kept"))
     assert rt.terminate() == 0
 
-    command = rt.command()
-    command[command.index("--partitions") + 1] = str(rt.partitions + 1)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
-    refused = subprocess.run(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                             text=True, timeout=STARTUP_DEADLINE_S)
+    refused = rt.run_refused({"--partitions": str(rt.partitions + 1)})
     assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
     assert (f"was created with {rt.partitions} partitions; refusing to start with --partitions {rt.partitions + 1}"
             in refused.stderr), refused.stderr

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from durabletask.client import OrchestrationStatus
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, subprocess_env
 from .faults_workload import (
     Background,
     Load,
@@ -257,8 +257,7 @@ def test_sigkill_whole_runtime_then_restart_under_load(fresh_runtime, tmp_path):
 
 
 def _worker_subprocess(address: str, log_path: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env = subprocess_env()
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "tests.e2e.faults_workload", address], cwd=str(REPO_ROOT),
                                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

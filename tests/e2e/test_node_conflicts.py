@@ -4,7 +4,6 @@ clear message (exit 2) before it starts anything, and the first keeps serving, u
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 
-from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port, free_port_range
+from .conftest import EngineRuntime, free_port, free_port_range
 from .helpers import DEADLINE_S, new_id
 
 pytestmark = pytest.mark.engine_only
@@ -21,13 +20,7 @@ pytestmark = pytest.mark.engine_only
 
 def start_second_node(first: EngineRuntime, data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """The same command as `first`'s, on its own gRPC port, with `data_dir` and `extra` instead."""
-    command = first.command()
-    command[command.index("--port") + 1] = str(free_port())
-    command[command.index("--data-dir") + 1] = str(data_dir)
-    command += list(extra)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=STARTUP_DEADLINE_S)
+    return first.run_refused({"--port": str(free_port()), "--data-dir": str(data_dir)}, *extra)
 
 
 def assert_serves(node: EngineRuntime) -> None:

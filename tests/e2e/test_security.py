@@ -8,7 +8,6 @@ loopback; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from runtime.router.channel import CurveKeys, ZmqChannel
 
-from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port, free_port_range
+from .conftest import REPO_ROOT, STARTUP_DEADLINE_S, EngineRuntime, free_port, free_port_range, subprocess_env
 from .helpers import DEADLINE_S, PARTITIONS, hello_ok, ids_on_different_partitions, partition_of
 
 pytestmark = [pytest.mark.engine_only]
@@ -257,8 +256,7 @@ def test_sdk_secure_channel_with_token_over_tls(start_runtime: Callable[..., Sec
             c.close()
         print("SDK-OK")
     """)
-    env = dict(os.environ, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=str(pki.ca),
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=str(pki.ca))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=2 * DEADLINE_S, cwd=str(REPO_ROOT))
     assert result.returncode == 0 and "SDK-OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

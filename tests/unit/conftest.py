@@ -208,22 +208,17 @@ class Core:
 
     # dispatch (a read transaction after the commit, as in the process)
     def dispatch_orch(self, limit: int = 100, now: int | None = None) -> list[tuple[str, pb.WorkItem]]:
-        with self.read() as txn:
-            items = dispatch.dispatch_orchestrations(
-                txn, self.state, GATEWAY, limit, self.now if now is None else now, LEASE_MS
-            )
-        return [(token, pb.WorkItem.FromString(raw)) for token, raw in items]
+        return self._dispatch("o", limit, now)
 
     def dispatch_act(self, limit: int = 100, now: int | None = None) -> list[tuple[str, pb.WorkItem]]:
-        with self.read() as txn:
-            items = dispatch.dispatch_activities(
-                txn, self.state, GATEWAY, limit, self.now if now is None else now, LEASE_MS
-            )
-        return [(token, pb.WorkItem.FromString(raw)) for token, raw in items]
+        return self._dispatch("a", limit, now)
 
     def dispatch_ent(self, limit: int = 100, now: int | None = None) -> list[tuple[str, pb.WorkItem]]:
+        return self._dispatch("e", limit, now)
+
+    def _dispatch(self, kind: str, limit: int, now: int | None) -> list[tuple[str, pb.WorkItem]]:
         with self.read() as txn:
-            items = dispatch.dispatch_entities(
+            items = dispatch.DISPATCHERS[kind](
                 txn, self.state, GATEWAY, limit, self.now if now is None else now, LEASE_MS
             )
         return [(token, pb.WorkItem.FromString(raw)) for token, raw in items]
