@@ -5,11 +5,18 @@ import sys
 
 import lmdb
 
-from partitions.process import PartitionBusyError, PartitionDataError, PartitionProcess
+from partitions.process import (
+    PartitionBusyError,
+    PartitionDataError,
+    PartitionEndpointError,
+    PartitionProcess,
+)
 from runtime.logs import setup_logging
 from runtime.processes import become_child, config_from_env, run_loop
 
-EXIT_BAD_DATA = 78
+# This partition cannot run with the node's data directory or configuration, and restarting it would not
+# help: the supervisor stops the node.
+EXIT_CANNOT_RUN = 78
 
 
 def main() -> int:
@@ -23,14 +30,18 @@ def main() -> int:
         process = PartitionProcess(config, args.index)
     except PartitionDataError as exc:
         print(f"durable-runtime: {exc}", file=sys.stderr)
-        return EXIT_BAD_DATA
+        return EXIT_CANNOT_RUN
     except PartitionBusyError as exc:  # say, a partition of a node that is still dying: retried with backoff
         print(f"durable-runtime: {exc}", file=sys.stderr)
         return 1
     except lmdb.Error as exc:  # e.g. no space to start a new epoch: the supervisor retries with backoff
         print(f"durable-runtime: partition {args.index} could not open its store: {exc}", file=sys.stderr)
         return 1
-    run_loop(process.serve)
+    try:
+        run_loop(process.serve)
+    except PartitionEndpointError as exc:
+        print(f"durable-runtime: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     return 0
 
 

@@ -50,15 +50,21 @@ class PartitionBusyError(Exception):
     """Another process has this partition's store open."""
 
 
+class PartitionEndpointError(Exception):
+    """The partition cannot bind its ZeroMQ endpoint: another process may have it, so the node must not go on."""
+
+
 def claim_store(config: Config, partition: int) -> int:
     """One process per partition store, whatever the supervisors think (see runtime/locks.py)."""
     path = config.partition_data_dir(partition)
-    os.makedirs(path, exist_ok=True)
     try:
+        os.makedirs(path, exist_ok=True)
         return locks.claim(os.path.join(path, "partition.lock"))
     except locks.ClaimHeld as held:
         by = f"pid {held.holder}" if held.holder else "another process"
         raise PartitionBusyError(f"partition {partition}: its store {path} is in use by {by}") from None
+    except OSError as exc:  # say, a read-only directory: no restart would help
+        raise PartitionDataError(f"partition {partition}: cannot claim its store {path}: {exc}") from None
 
 
 def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
@@ -123,7 +129,7 @@ class PartitionProcess:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(STOP_SIGNAL, self.stop)
-        self.channel = ZmqChannel.router(self.ctx, self.config.partition_endpoint(self.partition))
+        self.channel = self.bind()
         txn = self.store.begin()
         try:
             self.next_timer_ms = txn.next_timer_ms()
@@ -150,6 +156,25 @@ class PartitionProcess:
             self.store.close()
             self.ctx.term()
             log.info("partition %d stopped", self.partition)
+
+    def bind(self) -> ZmqChannel:
+        endpoint = self.config.partition_endpoint(self.partition)
+        try:
+            if self.config.zmq_transport == "ipc":  # the supervisor made it, but a tmp cleaner may have removed it
+                os.makedirs(self.config.runtime_dir(), exist_ok=True)
+            return ZmqChannel.router(self.ctx, endpoint)
+        except OSError as exc:
+            raise PartitionEndpointError(
+                f"partition {self.partition} cannot bind {endpoint}: {exc}; stopping the node"
+            ) from None
+        except zmq.ZMQError as exc:
+            # Another process has the address (with tcp, perhaps another node's partition). Retrying would let
+            # this node's gateway talk to whatever holds it, so the node stops instead.
+            hint = (" Give each node on a host its own --zmq-base-port."
+                    if exc.errno == zmq.EADDRINUSE and self.config.zmq_transport == "tcp" else "")
+            raise PartitionEndpointError(
+                f"partition {self.partition} cannot bind {endpoint} ({os.strerror(exc.errno)}); stopping the node.{hint}"
+            ) from None
 
     def stop(self) -> None:
         self.stopping = True

@@ -32,14 +32,19 @@ def claim(path: str) -> int:
         holder = _recorded_pid(fd)
         os.close(fd)
         raise ClaimHeld(path, holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        record = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, record, 0)  # then cut: a reader meanwhile still finds a pid on the first line
+        os.ftruncate(fd, len(record))
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
 def _recorded_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        return int(text) if text else None
+        first_line = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n", 1)[0].strip()
+        return int(first_line) if first_line else None
     except (OSError, ValueError):
         return None

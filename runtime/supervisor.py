@@ -9,6 +9,7 @@ short.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -29,12 +30,13 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "durable-runtime.json"
 CLAIM_FILE = "durable-runtime.lock"  # held by the running node's supervisor
-EXIT_BAD_DATA = 78
+EXIT_PARTITION_CANNOT_RUN = 78  # see partitions/__main__.py
 EXIT_BAD_CONFIG = 2
 EXIT_UNCLEAN_STOP = 1
 _POLL_S = 0.1
 _STOP_POLL_S = 0.02
 _MAX_BACKOFF_S = 5.0
+_STEADY_S = 60.0  # a child that ran this long before it died gets the shortest backoff again
 _GATEWAY_STOP_MARGIN_S = 5.0  # beyond drain_grace_s, for the gateway to end its streams and exit
 _PARTITION_STOP_S = 10.0
 
@@ -49,8 +51,8 @@ def claim_data_dir(config: Config) -> int:
     Without it a second node started on the same directory by mistake would open the same stores and bind
     the same ipc sockets, beside the first one's processes.
     """
-    os.makedirs(config.data_dir, exist_ok=True)
     try:
+        os.makedirs(config.data_dir, exist_ok=True)
         return locks.claim(os.path.join(config.data_dir, CLAIM_FILE))
     except locks.ClaimHeld as held:
         by = f" (supervisor pid {held.holder})" if held.holder else ""
@@ -58,6 +60,8 @@ def claim_data_dir(config: Config) -> int:
             f"{config.data_dir} is in use by another durable-runtime node{by}; stop it first,"
             " or give this node its own --data-dir"
         ) from None
+    except OSError as exc:
+        raise StartupError(f"cannot use {config.data_dir} as the data directory: {exc}") from None
 
 
 def check_zmq_ports(config: Config) -> None:
@@ -74,9 +78,15 @@ def check_zmq_ports(config: Config) -> None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise StartupError(
+                        f"cannot bind partition {partition}'s ZeroMQ address {config.zmq_host}:{port}"
+                        f" ({exc.strerror or exc}); check --zmq-host"
+                    ) from None
                 raise StartupError(
                     f"partition {partition}'s ZeroMQ port {config.zmq_host}:{port} is not free ({exc.strerror});"
-                    " is another durable-runtime node using it? Give each node on a host its own --zmq-base-port"
+                    " is another durable-runtime node using it, or one that is still stopping? Give each node on a"
+                    " host its own --zmq-base-port"
                 ) from None
 
 
@@ -129,8 +139,9 @@ class Child:
     role: str  # "partition" or "gateway"
     index: int
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
+    restarts: int = 0  # in a row: a child that ran for _STEADY_S starts over at the shortest backoff
     next_start: float = 0.0
+    started_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -187,10 +198,11 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         child.process = subprocess.Popen(child.argv(), env=self.env)
+        child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def _watch(self) -> int:
-        """Restart dead children with backoff; a partition that rejects its data stops the node."""
+        """Restart dead children with backoff; a partition that cannot run here stops the node."""
         now = time.monotonic()
         for child in self.partitions + self.gateways:
             process = child.process
@@ -201,9 +213,12 @@ class Supervisor:
             code = process.poll()
             if code is None:
                 continue
-            if code == EXIT_BAD_DATA:
-                log.error("%s refused its data directory; stopping", child.name)
-                return EXIT_BAD_DATA
+            if code == EXIT_PARTITION_CANNOT_RUN:
+                log.error("%s cannot run with this data directory or configuration (see its message); stopping",
+                          child.name)
+                return EXIT_PARTITION_CANNOT_RUN
+            if now - child.started_at >= _STEADY_S:
+                child.restarts = 0
             child.restarts += 1
             delay = min(_MAX_BACKOFF_S, 0.05 * 2 ** min(child.restarts, 7))
             log.warning("%s exited with %s; restarting in %.2fs", child.name, code, delay)
@@ -261,7 +276,7 @@ class Supervisor:
     def _keep_alive(self, children: Sequence[Child]) -> None:
         for child in children:
             if child.process is None or child.process.poll() is not None:
-                if child.process is not None and child.process.returncode == EXIT_BAD_DATA:
+                if child.process is not None and child.process.returncode == EXIT_PARTITION_CANNOT_RUN:
                     continue
                 log.warning("%s died while gateways drain; restarting it", child.name)
                 child.restarts += 1

@@ -1,10 +1,16 @@
 """Two nodes on one host that would share a data directory or ZeroMQ ports: the second one is refused with a
-clear message (exit 2) before it starts anything, and the first keeps serving, untouched. Engine only.
+clear message (exit 2) before it starts anything, and the first keeps serving, untouched. A port taken later,
+while a partition restarts, stops the node that lost it. Engine only.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -12,8 +18,9 @@ import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 
-from .conftest import EngineRuntime, free_port, free_port_range
-from .helpers import DEADLINE_S, new_id
+from .conftest import SHUTDOWN_DEADLINE_S, EngineRuntime, free_port, free_port_range
+from .faults_workload import partition_pid
+from .helpers import DEADLINE_S, new_id, wait_until
 
 pytestmark = pytest.mark.engine_only
 
@@ -72,3 +79,50 @@ def test_a_second_node_on_the_same_zmq_ports_is_refused(tmp_path: Path):
         assert_serves_untouched(first)
     finally:
         first.close()
+
+
+def grab_port(port: int, gave_up: Callable[[], bool]) -> socket.socket | None:
+    """Listen on 127.0.0.1:`port` as soon as it is free; None once `gave_up()` (or after DEADLINE_S)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        grabbed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        grabbed.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the old connections' TIME_WAIT
+        try:
+            grabbed.bind(("127.0.0.1", port))
+            grabbed.listen()
+            return grabbed
+        except OSError:
+            grabbed.close()
+        if gave_up():
+            return None
+        time.sleep(0.001)
+    return None
+
+
+def test_a_partition_port_taken_while_it_restarts_stops_the_node(tmp_path: Path):
+    """Another process takes a partition's tcp port between the partition's death and its restart. Retrying
+    the bind for ever would leave this node's gateway talking to whatever holds the port, so the node stops,
+    with a message that names the port."""
+    base = free_port_range(2)
+    node = EngineRuntime(tmp_path / "data", partitions=2,
+                         extra_args=["--zmq-transport", "tcp", "--zmq-base-port", str(base)])
+    port = base + 1
+    grabbed = None
+    try:
+        node.start()
+        for _ in range(5):  # the grab has to land in the restart backoff (0.1 s, then longer): retry if it did not
+            old = wait_until(lambda: partition_pid(node, 1), message="partition 1 running")
+            os.kill(old, signal.SIGKILL)
+            grabbed = grab_port(port, gave_up=lambda old=old: partition_pid(node, 1) not in (None, old))
+            if grabbed is not None:
+                break
+        assert grabbed is not None, "the supervisor restarted partition 1 before its port could be taken"
+        assert node.proc.wait(timeout=SHUTDOWN_DEADLINE_S) == 78, node.log_tail()
+        log = node.log_path.read_text(errors="replace")
+        assert (f"partition 1 cannot bind tcp://127.0.0.1:{port} (Address already in use); stopping the node."
+                " Give each node on a host its own --zmq-base-port" in log), node.log_tail()
+        assert "partition-1 cannot run with this data directory or configuration" in log, node.log_tail()
+    finally:
+        if grabbed is not None:
+            grabbed.close()
+        node.close()
