@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_ROWS_PER_FRAME = 500
+# Rows sent and not yet acknowledged, per destination. An ack makes room for more. Without a bound, a
+# resend to a peer that is down would queue its whole backlog again every resend interval.
+WINDOW_ROWS = 4 * _MAX_ROWS_PER_FRAME
 
 
 class Outbox:
@@ -66,15 +69,21 @@ class Outbox:
         dirty, self.dirty = self.dirty, set()
         for destination in dirty:
             after = self.sent.get(destination, 0)
-            rows = txn.outbox_from(destination, after, _MAX_ROWS_PER_FRAME)
+            acked = self.acked.get(destination, 0)
+            limit = min(_MAX_ROWS_PER_FRAME, acked + WINDOW_ROWS - after)
+            if limit <= 0:
+                continue  # the window is full: the next ack marks the destination dirty again
+            rows = txn.outbox_from(destination, after, limit)
             if not rows:
                 continue
+            if after <= acked:
+                self.progress_ms[destination] = _now_ms()  # nothing was in flight: the resend clock starts now
             self.sent[destination] = rows[-1][0]
-            self.progress_ms.setdefault(destination, _now_ms())
-            self.peer(destination).send(
-                {"op": "deliver", "from": self.process.partition, "msgs": [[seq, body] for seq, body in rows]}
-            )
-            if len(rows) == _MAX_ROWS_PER_FRAME:
+            self.peer(destination).send({
+                "op": "deliver", "from": self.process.partition, "gen": self.process.state.hub_generation,
+                "msgs": [[seq, body] for seq, body in rows],
+            })
+            if len(rows) == limit:
                 self.dirty.add(destination)
 
     def on_ack(self, destination: int, seq: int, commands: list[dict[str, Any]]) -> None:
@@ -82,6 +91,7 @@ class Outbox:
             self.acked[destination] = seq
             self.progress_ms[destination] = _now_ms()
             self.sent[destination] = max(self.sent.get(destination, 0), seq)
+            self.dirty.add(destination)  # room in the window for rows that waited
             commands.append({"op": "acked", "dest": destination, "seq": seq})
 
     def resend_due(self, now_ms: int) -> None:

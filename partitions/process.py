@@ -89,6 +89,8 @@ def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
         max_history_events=config.max_history_events,
     )
     state.load_counters(txn)
+    raw_generation = txn.get_meta(keys.META_HUB_GENERATION)
+    state.hub_generation = keys.unpack_u64(raw_generation) if raw_generation else 0
     txn.commit()
     return store, state
 

@@ -83,6 +83,7 @@ COMMANDS: dict[str, Handler] = {
 
 # Messages between instances, possibly on other partitions (delivered through the outbox).
 MESSAGES: dict[str, Handler] = {
+    "void": lambda ctx, message: None,  # an outbox row whose cause a wipe removed (task_hub.py)
     "child_done": apply_child_done,
     "entity_msg": apply_entity_message,
     "entity_result": apply_entity_result,
@@ -120,12 +121,14 @@ def _apply_delivery(ctx: Ctx, command: dict[str, Any]) -> None:
     """Messages from partition `from`, in its outbox order. Seen ones are skipped; a gap waits for the resend."""
     sender = command["from"]
     last = ctx.txn.get_dedup(sender)
+    wiped_since = int(command.get("gen", 0)) < ctx.state.hub_generation  # sent before a wipe this side applied
     for seq, message in command["msgs"]:
         if seq <= last:
             continue
         if seq != last + 1:
             break
-        apply_internal(ctx, message)
+        if not wiped_since:
+            apply_internal(ctx, message)
         last = seq
     ctx.txn.put_dedup(sender, last)
     ctx.actions.append(act.AckPartition(sender, last))

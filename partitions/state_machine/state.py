@@ -53,6 +53,7 @@ class CoreState:
     act_cursor: int = 0
     ent_cursor: int = 0
     next_token: int = 0
+    hub_generation: int = 0  # see task_hub.py: deliveries from an older generation are acknowledged, not applied
     waiters: dict[str, list[Waiter]] = field(default_factory=dict)
     dirty_counters: bool = False
 

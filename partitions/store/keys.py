@@ -46,6 +46,7 @@ META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"
 META_EPOCH = b"epoch"
 META_SEQ = b"seq"
+META_HUB_GENERATION = b"hub_generation"  # of the last DeleteTaskHub/CreateTaskHub(recreate) this partition applied
 
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")

@@ -212,7 +212,8 @@ class Management:
             raise InstanceNotCompletedError(
                 f"{what} would delete every instance; start the node with --allow-task-hub-deletion to permit it"
             )
-        await self._all({"op": "wipe"}, timeout)
+        # Each wipe is a newer generation, so that partitions can tell messages sent before it from later ones.
+        await self._all({"op": "wipe", "gen": time.time_ns()}, timeout)
 
     async def query_entities(self, query: pb.EntityQuery, timeout: float) -> pb.QueryEntitiesResponse:
         """Entities of every partition merged in id order; the continuation token is the last id."""

@@ -246,3 +246,41 @@ def test_child_done_for_an_earlier_parent_execution_is_dropped(pair):
 
     assert p0.inbox(parent) == inbox
     assert p0.dedup(1) == 1  # still counted as applied
+
+
+# DeleteTaskHub / CreateTaskHub(recreateIfExists): messages whose causes a wipe removed
+
+
+def test_a_wipe_voids_the_unacknowledged_outbox_and_the_receiver_applies_nothing_of_it(pair, target):
+    p0, p1 = pair
+    sender = id_on(0, 2, "s")
+    p0.start(sender)
+    p0.run_first(sender, [send_event(1, target, "before-the-wipe")])
+    p0.request({"op": "wipe", "gen": 5})
+
+    rows = p0.outbox(1)
+    assert rows == [(1, {"op": "void"})]  # numbering kept: the receiver's stream has no gap
+    actions = _deliver(p1, 0, [[seq, body] for seq, body in rows])
+    assert _raised_names(p1, target) == []
+    assert p1.dedup(0) == 1
+    assert of_type(actions, act.AckPartition) == [act.AckPartition(0, 1)]
+
+
+def test_a_delivery_sent_before_a_wipe_the_receiver_applied_is_acknowledged_not_applied(pair):
+    p0, p1 = pair
+    p1.request({"op": "wipe", "gen": 7})
+    child = id_on(1, 2, "child")
+    late = {"op": "start_orch", "i": child, "n": "Orch", "quiet": True}  # written by p0 before its own wipe
+
+    actions = p1.apply({"op": "deliver", "from": 0, "gen": 6, "msgs": [[1, late]]})
+    assert p1.record(child) is None
+    assert p1.dedup(0) == 1
+    assert of_type(actions, act.AckPartition) == [act.AckPartition(0, 1)]
+
+    # After p0's wipe its deliveries carry the new generation, and they are applied as usual.
+    fresh = {"op": "raise", "i": child, "n": "x", "in": None, "quiet": True}
+    p1.start(child)
+    p1.apply({"op": "deliver", "from": 0, "gen": 7, "msgs": [[2, fresh]]})
+    assert _raised_names(p1, child) == ["x"]
+    with p1.read() as txn:
+        assert keys.unpack_u64(txn.get_meta(keys.META_HUB_GENERATION)) == 7
