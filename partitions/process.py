@@ -32,6 +32,7 @@ from runtime.router.channel import Message, ZmqChannel
 log = logging.getLogger(__name__)
 
 _BATCH_HEADROOM_BYTES = 256 << 20
+_FORGOTTEN_KEPT_MS = 24 * 3600 * 1000  # a gateway silent for longer than this is gone for good
 # A failure in these cannot have touched in-memory state, so it is answered without a restart.
 READ_ONLY_COMMANDS = frozenset(
     {"get", "get_children", "get_entity", "history", "list_ids", "query", "query_entities", "wait"}
@@ -118,6 +119,7 @@ class PartitionProcess:
         self.channel: ZmqChannel = None  # type: ignore[assignment]  # bound in serve(), on the loop
         self.outbox = Outbox(self, config)
         self.gateways: dict[bytes, Gateway] = {}
+        self.forgotten: dict[bytes, int] = {}  # gateways dropped for silence -> when; told so if they come back
         self.pending: list[tuple[bytes | None, Message]] = []  # posted by the ticker, not received
         self.stopping = False
         self.next_timer_ms: int | None = None
@@ -228,6 +230,9 @@ class PartitionProcess:
             gateway = self.gateways.get(sender)
             if gateway is None:
                 gateway = self.gateways[sender] = Gateway(sender, now)
+                if self.forgotten.pop(sender, None) is not None:
+                    # It still counts the credits we dropped with it; it starts over, as after our restart.
+                    self.channel.send({"op": "forgot", "p": self.partition, "ep": self.state.epoch}, to=sender)
             gateway.last_seen_ms = now
         if op == "hb":
             self.heartbeat(sender, now)
@@ -272,11 +277,17 @@ class PartitionProcess:
             if now - gateway.last_seen_ms > silent_ms:
                 log.warning("partition %d: gateway %r silent; releasing its work items", self.partition, identity)
                 del self.gateways[identity]
+                self.forgotten[identity] = now
                 commands.append({"op": "release_gateway", "g": identity})
+        for identity, since in list(self.forgotten.items()):
+            if now - since > _FORGOTTEN_KEPT_MS:
+                del self.forgotten[identity]
         for lease in list(self.state.leases_by_token.values()):
             if lease.expires_ms < now:
                 log.warning("partition %d: lease %s expired; requeueing", self.partition, lease.token)
                 commands.append({"op": "abandon", "tok": lease.token, "quiet": True})
+                # The gateway still counts the item against its stream's limit: that slot is free now.
+                self.channel.send({"op": "expired", "tok": lease.token}, to=lease.gateway)
         for instance_id, waiters in list(self.state.waiters.items()):
             alive = [w for w in waiters if not w.deadline_ms or w.deadline_ms > now]
             if alive:

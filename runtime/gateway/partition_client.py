@@ -78,6 +78,10 @@ class PartitionClient:
                     self._resolve(message)
                 elif op == "hb":
                     self._note_epoch(partition, int(message["ep"]))
+                elif op == "forgot":
+                    log.warning("partition %d dropped this gateway after a silence; granting it work again", partition)
+                    self._note_epoch(partition, int(message["ep"]))
+                    self.on_restart(partition)
                 else:
                     if "ep" in message:
                         self._note_epoch(partition, int(message["ep"]))

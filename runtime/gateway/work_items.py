@@ -8,7 +8,9 @@ LMDB rather than in memory, and no stream gets more than its maxConcurrent* allo
   the group's filter accepts. Work no connected group accepts stays pending in LMDB.
 - Standing credits: each partition may hold a small share (`keep`) of a group's free capacity, so
   new work is dispatched straight after its commit, without a round trip to ask for credit. It is
-  refilled to `keep` once it falls below half of that, so credit messages come in bulk.
+  refilled to `keep` once it falls below half of that, so credit messages come in bulk. The price: when
+  all ready work is on one partition, the shares the others hold (together under a quarter of the
+  limit) are not used for it until they are spent elsewhere.
 - Demand: a partition with more ready work than credits says how much; every group with free
   capacity is offered that much once. Credits above `keep` that a partition cannot spend come back.
 """
@@ -149,11 +151,16 @@ class WorkDispatcher:
             for k in KINDS:
                 self.demand[partition][k] = int(message.get(k, 0))
             self.schedule_grant()
+        elif op == "expired":
+            # The partition took the item back (its lease ran out): the stream's slot is free again.
+            self.completed(str(message.get("tok", "")))
 
     def on_partition_restart(self, partition: int) -> None:
+        """The partition holds none of our credits any more: it restarted, or dropped us while we were silent."""
         for slot in [s for s in self.outstanding if s[0] == partition]:
             del self.outstanding[slot]
         self.demand[partition] = dict.fromkeys(KINDS, 0)
+        self.schedule_grant()
 
     def _deliver(self, partition: int, group: str, kind: str, token: str, item: bytes) -> None:
         """To the group's stream with the most free slots; ties take turns, so an item one worker

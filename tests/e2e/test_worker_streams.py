@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,11 @@ from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 from google.protobuf import wrappers_pb2
 
+from runtime.hashing import partition_for
+
 from .conftest import EngineRuntime
-from .helpers import DEADLINE_S, RawStream, new_id
+from .faults_workload import gateway_pid
+from .helpers import DEADLINE_S, RawStream, new_id, wait_until
 
 pytestmark = pytest.mark.engine_only
 
@@ -175,3 +180,103 @@ def test_an_entity_batch_held_by_a_closed_stream_or_abandoned_comes_back(pinging
         assert got.exists and got.entity.serializedState.value == "5", got
     log = pinging_runtime.log_path.read_text(errors="replace")
     assert "exited with" not in log, pinging_runtime.log_tail()
+
+
+def complete(stub: Any, item: Any, *actions: pb.OrchestratorAction) -> None:
+    stub.CompleteOrchestratorTask(pb.OrchestratorResponse(
+        instanceId=item.orchestratorRequest.instanceId, completionToken=item.completionToken, actions=actions),
+        timeout=DEADLINE_S)
+
+
+DONE = pb.OrchestratorAction(id=0, completeOrchestration=pb.CompleteOrchestrationAction(
+    orchestrationStatus=pb.ORCHESTRATION_STATUS_COMPLETED))
+
+
+def test_an_expired_lease_frees_its_slot_on_the_stream(tmp_path: Path):
+    """A stream with room for one orchestration holds an item and never completes it (the SDK only logs a
+    completion that failed). When the lease runs out the item goes back to the queue, and the gateway frees the
+    stream's slot, so the stream gets work again instead of being one slot short for as long as it lives."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--lease-timeout-s", "1"])
+    rt.start()
+    try:
+        with grpc.insecure_channel(rt.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            stream = RawStream(channel, pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=1))
+            try:
+                ids = {new_id("held"), new_id("held")}
+                for instance_id in ids:
+                    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="held"),
+                                       timeout=DEADLINE_S)
+                first = stream.next()  # the one slot is taken, and this item is never completed
+                second = stream.next()  # arrives only once the first one's lease has expired
+                assert first.orchestratorRequest.instanceId in ids and second.orchestratorRequest.instanceId in ids
+                assert second.completionToken != first.completionToken
+                complete(stub, second, DONE)
+            finally:
+                stream.close()
+    finally:
+        rt.close()
+
+
+def one_instance_per_partition(partitions: int) -> list[str]:
+    """New instance ids, one hashed to each partition."""
+    ids: dict[int, str] = {}
+    for _ in range(1000 * partitions):
+        instance_id = new_id("probe")
+        ids.setdefault(partition_for(instance_id, partitions), instance_id)
+        if len(ids) == partitions:
+            return list(ids.values())
+    raise AssertionError(f"no instance id for some of the {partitions} partitions")
+
+
+def test_a_gateway_dropped_after_a_silence_gets_its_streams_full_share_again(tmp_path: Path):
+    """The gateway stalls (SIGSTOP) for longer than --gateway-timeout-s, so the partitions drop it, with the
+    standing credits they held for it. When they hear from it again they say so, and it starts its accounting
+    over. So when every partition has more activities ready than the stream's limit, the stream gets its whole
+    limit at once, not the limit minus the credits the partitions dropped."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--gateway-timeout-s", "2"])
+    limit = 8 * rt.partitions  # each partition's standing share, limit // (4 * partitions), is then 2
+    rt.start()
+    try:
+        with grpc.insecure_channel(rt.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            stream = RawStream(channel, pb.GetWorkItemsRequest(
+                maxConcurrentOrchestrationWorkItems=limit, maxConcurrentActivityWorkItems=limit))
+
+            def run_one_instance_per_partition() -> None:
+                for instance_id in one_instance_per_partition(rt.partitions):
+                    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="probe"),
+                                       timeout=DEADLINE_S)
+                    complete(stub, stream.next(), DONE)
+
+            try:
+                run_one_instance_per_partition()  # every partition now holds its standing credits
+                gateway = gateway_pid(rt)
+                assert gateway is not None
+                os.kill(gateway, signal.SIGSTOP)
+                try:
+                    wait_until(lambda: rt.log_path.read_text(errors="replace").count(
+                        "silent; releasing its work items") >= rt.partitions,
+                        message="every partition to drop the silent gateway")
+                finally:
+                    os.kill(gateway, signal.SIGCONT)
+                # A partition answers the first message it gets from the gateway after the silence before anything
+                # else, on the same socket: once an instance has run on every partition, every one has told it.
+                run_one_instance_per_partition()
+
+                fan_out = [pb.OrchestratorAction(id=n, scheduleTask=pb.ScheduleTaskAction(name="act"))
+                           for n in range(limit)]
+                for instance_id in one_instance_per_partition(rt.partitions):
+                    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="fan"),
+                                       timeout=DEADLINE_S)
+                held: set[str] = set()  # activity tokens, none of them completed
+                while len(held) < limit:
+                    item = stream.next()
+                    if item.HasField("orchestratorRequest"):
+                        complete(stub, item, *fan_out)
+                    else:
+                        held.add(item.completionToken)
+            finally:
+                stream.close()
+    finally:
+        rt.close()
