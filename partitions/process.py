@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lmdb
@@ -20,7 +21,7 @@ from partitions.outbox import Outbox
 from partitions.state_machine import actions as act
 from partitions.state_machine import apply
 from partitions.state_machine.queries import condition_met, instance_state
-from partitions.state_machine.state import CoreState
+from partitions.state_machine.state import CoreState, Waiter
 from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore, StoreTxn
 from runtime import locks
@@ -248,6 +249,9 @@ class PartitionProcess:
                 self.work_changed = True
         elif op == "ack":
             self.outbox.on_ack(int(message["from"]), int(message["seq"]), commands)
+        elif op == "unwait":
+            self.drop_waiters(lambda w: w.sender == sender and w.request_id == message.get("rid"),
+                              message.get("i"))
         elif op == "_tick":
             self.housekeeping(now, commands)
         else:
@@ -278,6 +282,7 @@ class PartitionProcess:
                 log.warning("partition %d: gateway %r silent; releasing its work items", self.partition, identity)
                 del self.gateways[identity]
                 self.forgotten[identity] = now
+                self.drop_waiters(lambda w, gone=identity: w.sender == gone)  # their calls ended with the gateway
                 commands.append({"op": "release_gateway", "g": identity})
         for identity, since in list(self.forgotten.items()):
             if now - since > _FORGOTTEN_KEPT_MS:
@@ -295,6 +300,16 @@ class PartitionProcess:
             else:
                 del self.state.waiters[instance_id]
         self.outbox.resend_due(now)
+
+    def drop_waiters(self, which: Callable[[Waiter], bool], instance_id: Any = None) -> None:
+        """Forget the waiters `which` selects (of `instance_id` only, when given): nobody waits for their answer."""
+        ids = [instance_id] if isinstance(instance_id, str) else list(self.state.waiters)
+        for waiting_for in ids:
+            kept = [w for w in self.state.waiters.get(waiting_for, ()) if not which(w)]
+            if kept:
+                self.state.waiters[waiting_for] = kept
+            else:
+                self.state.waiters.pop(waiting_for, None)
 
     def apply_batch(self, commands: list[dict[str, Any]], now: int) -> list[Any]:
         """One write transaction for the whole batch; each command in a nested transaction of its own."""

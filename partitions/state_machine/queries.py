@@ -39,4 +39,8 @@ def apply_wait(ctx: Ctx, cmd: dict[str, Any]) -> None:
         ctx.reply(cmd, None if record is None else instance_state(instance_id, record, bool(cmd.get("pl"))))
         return
     waiter = Waiter(cmd["_from"], cmd["rid"], cmd["k"], int(cmd.get("dl", 0)), bool(cmd.get("pl")))
-    ctx.state.waiters.setdefault(instance_id, []).append(waiter)
+    waiters = ctx.state.waiters.setdefault(instance_id, [])
+    # A gateway re-sends its waits when it sees this partition restart, and one sent while the partition was
+    # down may already be here: one waiter per request.
+    if not any(w.sender == waiter.sender and w.request_id == waiter.request_id for w in waiters):
+        waiters.append(waiter)

@@ -64,6 +64,11 @@ class PartitionClient:
         finally:
             timer.cancel()
             self._pending.pop(rid, None)
+            if message.get("op") == "wait" and (
+                not future.done() or future.cancelled() or future.exception() is not None
+            ):
+                # The caller went away (or gave up): the partition's waiter would otherwise live to its deadline.
+                self.channels[partition].send({"op": "unwait", "i": message.get("i"), "rid": rid})
 
     def ready(self) -> bool:
         """Every partition has answered a heartbeat."""

@@ -103,3 +103,14 @@ def test_status_changes_only_when_the_status_does(core):
     core.request({"op": "raise", "i": "a", "n": "e"})
     actions = core.run_first("a", [])
     assert not of_type(actions, act.StatusChanged)
+
+
+def test_a_wait_sent_again_with_its_request_id_parks_one_waiter(core):
+    # A gateway re-sends its pending waits when a partition restarts; the copy sent while the partition was
+    # down may be there already.
+    core.start("a")
+    wait = {"op": "wait", "i": "a", "k": "done", "pl": False, "dl": T0 + 60_000, "rid": 41, "_from": b"g-1"}
+    core.apply(dict(wait))
+    core.apply(dict(wait))
+    core.apply({**wait, "_from": b"g-2"})  # the same number from another gateway is another request
+    assert [(w.sender, w.request_id) for w in core.state.waiters["a"]] == [(b"g-1", 41), (b"g-2", 41)]

@@ -1,0 +1,114 @@
+"""A wait whose caller went away: the gateway tells the partition, which forgets the waiter at once instead of
+keeping it (and answering it) until its deadline, which is a week when the client set none. Real ZeroMQ sockets
+and a real partition store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from partitions.process import PartitionProcess
+from partitions.state_machine import apply
+from runtime.config import Config
+from runtime.gateway.partition_client import PartitionClient
+from runtime.router.channel import ZmqChannel
+
+DEADLINE_S = 10.0
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+def test_a_cancelled_wait_is_withdrawn_from_its_partition(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path / "data"), partitions=1)
+    os.makedirs(config.runtime_dir(), exist_ok=True)
+
+    async def main() -> None:
+        ctx = zmq.Context()
+        partition = ZmqChannel.router(ctx, config.partition_endpoint(0))
+        client = PartitionClient(config, on_message=lambda p, m: None)
+        client.start()
+        try:
+            waiting = asyncio.ensure_future(client.request(0, {"op": "wait", "i": "x", "k": "done"}, 3600.0))
+
+            async def next_op(op: str) -> dict:
+                while True:
+                    for _, message in await partition.recv():
+                        if message.get("op") == op:
+                            return message
+
+            wait = await next_op("wait")
+            waiting.cancel()
+            unwait = await next_op("unwait")
+            assert unwait == {"op": "unwait", "i": "x", "rid": wait["rid"]}
+        finally:
+            client.close()
+            partition.close()
+            ctx.term()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
+    finally:
+        shutil.rmtree(config.runtime_dir(), ignore_errors=True)
+
+
+@pytest.fixture
+def process(tmp_path: Path):
+    config = Config(data_dir=str(tmp_path / "data"), partitions=1, gateway_timeout_s=10.0)
+    process = PartitionProcess(config, 0)
+    try:
+        yield process
+    finally:
+        process.store.close()
+        os.close(process.claim)
+        process.ctx.term()
+
+
+def start(process: PartitionProcess, instance_id: str, now: int) -> None:
+    txn = process.store.begin(write=True)
+    apply(txn, {"op": "start", "i": instance_id, "n": "Orch", "in": None}, now, process.state)
+    txn.commit()
+
+
+def park(process: PartitionProcess, gateway: bytes, rid: int, instance_id: str, now: int) -> None:
+    """A wait from `gateway` on `instance_id`, applied by the partition's own state machine and store."""
+    txn = process.store.begin(write=True)
+    apply(txn, {"op": "wait", "i": instance_id, "k": "done", "dl": now + WEEK_MS, "rid": rid, "_from": gateway},
+          now, process.state)
+    txn.commit()
+
+
+def waiters(process: PartitionProcess) -> list[tuple[bytes, int]]:
+    return sorted((w.sender, w.request_id) for ws in process.state.waiters.values() for w in ws)
+
+
+def test_unwait_forgets_exactly_that_waiter(process: PartitionProcess) -> None:
+    now = int(time.time() * 1000)
+    start(process, "a", now)
+    start(process, "b", now)
+    park(process, b"g-1", 1, "a", now)
+    park(process, b"g-1", 2, "a", now)
+    park(process, b"g-2", 1, "b", now)
+    commands: list[dict] = []
+    process.classify(b"g-1", {"op": "unwait", "i": "a", "rid": 1}, now, commands)
+    process.classify(b"g-2", {"op": "unwait", "i": "b", "rid": 7}, now, commands)  # not one of g-2's waits
+    assert commands == []
+    assert waiters(process) == [(b"g-1", 2), (b"g-2", 1)]
+
+
+def test_a_gateway_dropped_for_silence_takes_its_waiters_with_it(process: PartitionProcess) -> None:
+    now = int(time.time() * 1000)
+    for gateway in (b"g-1", b"g-2"):  # the partition hears from both
+        process.classify(gateway, {"op": "credit", "k": "o", "n": 0, "keep": 0}, now, [])
+    start(process, "a", now)
+    park(process, b"g-1", 1, "a", now)
+    park(process, b"g-2", 1, "a", now)
+    process.gateways[b"g-2"].last_seen_ms = now + 20_000  # g-2 spoke recently; g-1 has been silent for 20 s
+    commands: list[dict] = []
+    process.housekeeping(now + 20_000, commands)
+    assert {"op": "release_gateway", "g": b"g-1"} in commands
+    assert waiters(process) == [(b"g-2", 1)]
