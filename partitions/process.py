@@ -236,7 +236,7 @@ class PartitionProcess:
                     self.channel.send({"op": "forgot", "p": self.partition, "ep": self.state.epoch}, to=sender)
             gateway.last_seen_ms = now
         if op == "hb":
-            self.heartbeat(sender, now)
+            self.heartbeat(sender, now, message.get("bar"))
         elif op == "credit":
             gateway = self.gateways.get(sender)  # type: ignore[arg-type]
             kind = message.get("k")
@@ -256,9 +256,20 @@ class PartitionProcess:
             self.housekeeping(now, commands)
         else:
             message["_from"] = sender
+            sent_for = message.get("gep")
+            if sent_for is not None and sent_for != self.state.epoch and op not in READ_ONLY_COMMANDS:
+                # Meant for a process of this partition that is gone: refused unapplied (the gateway sends it
+                # again), answered here, in arrival order, before any heartbeat behind it.
+                if "rid" in message:
+                    self.channel.send({
+                        "op": "reply", "rid": message["rid"], "ep": self.state.epoch,
+                        "err": ["stale_epoch", f"partition {self.partition} restarted before this request reached"
+                                               " it; it was not applied"],
+                    }, to=sender)
+                return
             commands.append(message)
 
-    def heartbeat(self, sender: bytes | None, now: int) -> None:
+    def heartbeat(self, sender: bytes | None, now: int, barrier: Any = None) -> None:
         """A gateway is alive: renew the activity leases it holds and tell it our epoch.
 
         Activities may run long, so theirs last as long as the gateway (and the stream) holding them.
@@ -270,7 +281,10 @@ class PartitionProcess:
         for lease in self.state.act_leases.values():
             if lease.gateway == sender:
                 lease.expires_ms = now + self.lease_ms
-        self.channel.send({"op": "hb", "p": self.partition, "ep": self.state.epoch}, to=sender)
+        reply = {"op": "hb", "p": self.partition, "ep": self.state.epoch}
+        if barrier is not None:
+            reply["bar"] = barrier  # everything this gateway sent before it has been answered or taken in
+        self.channel.send(reply, to=sender)
         gateway = self.gateways[sender]
         gateway.reported = None  # re-announce demand after a (re)connect
         self.work_changed = True

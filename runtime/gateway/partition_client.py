@@ -35,6 +35,9 @@ class PartitionClient:
         self.last_heard: list[float] = [0.0] * config.partitions
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[int, asyncio.Future[Any], Message]] = {}
+        # After a restart: barrier heartbeat id -> requests of unknown fate (see _partition_restarted).
+        self._doubtful: dict[int, set[int]] = {}
+        self._barriers = itertools.count(1)
         self._on_message = on_message
         self._tasks: list[asyncio.Task[None]] = []
         self.on_restart: Callable[[int], None] = lambda partition: None
@@ -54,6 +57,10 @@ class PartitionClient:
         """Send a command and wait for its reply; raises the partition's error, or UNAVAILABLE on timeout."""
         rid = next(self._ids)
         message["rid"] = rid
+        if self.epochs[partition] is not None:
+            # A partition refuses a change addressed to an epoch it is not in: one that waited in the socket
+            # while the partition restarted comes back refused, unapplied, and is sent again (_resolve).
+            message["gep"] = self.epochs[partition]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = (partition, future, message)
@@ -80,9 +87,13 @@ class PartitionClient:
             try:
                 op = message.get("op")
                 if op == "reply":
-                    self._resolve(message)
+                    if "ep" in message:  # a refusal for a past epoch says which epoch the partition is in
+                        self._note_epoch(partition, int(message["ep"]))
+                    self._resolve(partition, message)
                 elif op == "hb":
                     self._note_epoch(partition, int(message["ep"]))
+                    if "bar" in message:
+                        self._passed_barrier(partition, int(message["bar"]))
                 elif op == "forgot":
                     log.warning("partition %d dropped this gateway after a silence; granting it work again", partition)
                     self._note_epoch(partition, int(message["ep"]))
@@ -94,14 +105,22 @@ class PartitionClient:
             except Exception:  # one bad message must not cost the others in its frame
                 log.exception("gateway: could not handle %r from partition %d", message.get("op"), partition)
 
-    def _resolve(self, message: Message) -> None:
-        entry = self._pending.get(message.get("rid", -1))
+    def _resolve(self, partition: int, message: Message) -> None:
+        rid = message.get("rid", -1)
+        entry = self._pending.get(rid)
         if entry is None or entry[1].done():
             return
-        future = entry[1]
+        future, request = entry[1], entry[2]
         if "err" in message:
             code, text = message["err"]
-            future.set_exception(error_from_wire(code, text))
+            if code == "stale_epoch" and request.get("gep") != self.epochs[partition]:
+                # Refused unapplied by the restarted partition: send it again, for the epoch it is in now.
+                for doubtful in self._doubtful.values():
+                    doubtful.discard(rid)
+                request["gep"] = self.epochs[partition]
+                self.channels[partition].send(request)
+                return
+            future.set_exception(PartitionUnavailableError(text) if code == "stale_epoch" else error_from_wire(code, text))
         else:
             future.set_result(message.get("ok"))
 
@@ -113,17 +132,32 @@ class PartitionClient:
             self._partition_restarted(partition)
 
     def _partition_restarted(self, partition: int) -> None:
-        """Waits are idempotent and are registered again; other requests may or may not have committed."""
-        for p, future, message in list(self._pending.values()):
+        """Waits and gets are idempotent: they are sent again. Any other request in flight either reached the
+        old process (which may or may not have committed it before it died), or waited in the socket and
+        reaches the new one, which refuses it unapplied because it names the old epoch; then it is sent
+        again. Which one is known once a heartbeat sent now comes back: the partition answers in order."""
+        doubtful = set()
+        for rid, (p, future, message) in list(self._pending.items()):
             if p != partition or future.done():
                 continue
             if message.get("op") in ("wait", "get"):
                 self.channels[partition].send(message)
-            else:
-                future.set_exception(
-                    PartitionUnavailableError(f"partition {partition} restarted; the request may not have taken effect")
-                )
+            elif "gep" in message:
+                doubtful.add(rid)
+            else:  # sent before we knew any epoch of this partition
+                future.set_exception(_maybe_lost(partition))
+        if doubtful:
+            barrier = next(self._barriers)
+            self._doubtful[barrier] = doubtful
+            self.channels[partition].send({"op": "hb", "bar": barrier})
         self.on_restart(partition)
+
+    def _passed_barrier(self, partition: int, barrier: int) -> None:
+        """Requests of unknown fate that the new process has not refused by now went to the old one."""
+        for rid in self._doubtful.pop(barrier, ()):
+            entry = self._pending.get(rid)
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(_maybe_lost(partition))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -137,6 +171,10 @@ class PartitionClient:
         for channel in self.channels:
             channel.close()
         self.ctx.term()
+
+
+def _maybe_lost(partition: int) -> PartitionUnavailableError:
+    return PartitionUnavailableError(f"partition {partition} restarted; the request may not have taken effect")
 
 
 def _expire(future: asyncio.Future[Any], partition: int, timeout_s: float) -> None:

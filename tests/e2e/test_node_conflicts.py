@@ -18,6 +18,8 @@ import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 
+from runtime.hashing import partition_for
+
 from .conftest import SHUTDOWN_DEADLINE_S, EngineRuntime, free_port, free_port_range
 from .faults_workload import partition_pid
 from .helpers import DEADLINE_S, new_id, wait_until
@@ -125,4 +127,38 @@ def test_a_partition_port_taken_while_it_restarts_stops_the_node(tmp_path: Path)
     finally:
         if grabbed is not None:
             grabbed.close()
+        node.close()
+
+
+def test_requests_sent_while_their_partition_restarts_are_applied_once_and_answered(tmp_path: Path):
+    """A StartInstance sent while its partition is down waits in the gateway's socket and reaches the restarted
+    partition, behind heartbeats (sent every 50 ms here). The new process refuses it unapplied, since it names the
+    old epoch, and the gateway sends it again: the caller gets OK and the instance exists once. (Before, the
+    gateway failed it with UNAVAILABLE as soon as a heartbeat showed the new epoch, while the queued copy was
+    applied anyway: a retry then found ALREADY_EXISTS, and a retried RaiseEvent was raised twice.)"""
+    node = EngineRuntime(tmp_path / "data", partitions=2, extra_args=["--heartbeat-interval-s", "0.05"])
+    try:
+        node.start()
+        with grpc.insecure_channel(node.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            assert_serves(node)  # the gateway knows both partitions' epochs
+            sent_while_down = 0
+            for _ in range(20):  # bounded: each round needs its request to leave before the restart
+                old = wait_until(lambda: partition_pid(node, 1), message="partition 1 running")
+                instance_id = next(i for i in (new_id("late") for _ in range(1000)) if partition_for(i, 2) == 1)
+                os.kill(old, signal.SIGKILL)
+                wait_until(lambda old=old: partition_pid(node, 1) != old, message="partition 1 gone")
+                down = partition_pid(node, 1) is None
+                stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="late"), timeout=DEADLINE_S)
+                got = stub.GetInstance(pb.GetInstanceRequest(instanceId=instance_id), timeout=DEADLINE_S)
+                assert got.exists and got.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_PENDING
+                with pytest.raises(grpc.RpcError) as again:
+                    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="late"),
+                                       timeout=DEADLINE_S)
+                assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                sent_while_down += down
+                if sent_while_down == 3:
+                    break
+            assert sent_while_down == 3, f"only {sent_while_down} requests left while partition 1 was down"
+    finally:
         node.close()
