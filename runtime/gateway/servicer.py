@@ -238,6 +238,9 @@ class Servicer:
             }
         )
         self.dispatcher.add_stream(stream)
+        # The call's end removes the stream even if this generator is left suspended at a yield (grpc then
+        # leaves closing it to the garbage collector). Removing it twice is harmless.
+        context.add_done_callback(lambda _: self.dispatcher.remove_stream(stream))
         try:
             async for item in self._stream_items(stream):
                 yield item
