@@ -35,8 +35,8 @@ class PartitionClient:
         self.last_heard: list[float] = [0.0] * config.partitions
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[int, asyncio.Future[Any], Message]] = {}
-        # After a restart: barrier heartbeat id -> requests of unknown fate (see _partition_restarted).
-        self._doubtful: dict[int, set[int]] = {}
+        # After a restart: barrier heartbeat id -> (partition, requests of unknown fate); see _partition_restarted.
+        self._doubtful: dict[int, tuple[int, set[int]]] = {}
         self._barriers = itertools.count(1)
         self._on_message = on_message
         self._tasks: list[asyncio.Task[None]] = []
@@ -115,7 +115,7 @@ class PartitionClient:
             code, text = message["err"]
             if code == "stale_epoch" and request.get("gep") != self.epochs[partition]:
                 # Refused unapplied by the restarted partition: send it again, for the epoch it is in now.
-                for doubtful in self._doubtful.values():
+                for _, doubtful in self._doubtful.values():
                     doubtful.discard(rid)
                 request["gep"] = self.epochs[partition]
                 self.channels[partition].send(request)
@@ -136,6 +136,8 @@ class PartitionClient:
         old process (which may or may not have committed it before it died), or waited in the socket and
         reaches the new one, which refuses it unapplied because it names the old epoch; then it is sent
         again. Which one is known once a heartbeat sent now comes back: the partition answers in order."""
+        for barrier in [b for b, (p, _) in self._doubtful.items() if p == partition]:
+            del self._doubtful[barrier]  # restarted again before answering it: its requests are counted below
         doubtful = set()
         for rid, (p, future, message) in list(self._pending.items()):
             if p != partition or future.done():
@@ -148,13 +150,13 @@ class PartitionClient:
                 future.set_exception(_maybe_lost(partition))
         if doubtful:
             barrier = next(self._barriers)
-            self._doubtful[barrier] = doubtful
+            self._doubtful[barrier] = (partition, doubtful)
             self.channels[partition].send({"op": "hb", "bar": barrier})
         self.on_restart(partition)
 
     def _passed_barrier(self, partition: int, barrier: int) -> None:
         """Requests of unknown fate that the new process has not refused by now went to the old one."""
-        for rid in self._doubtful.pop(barrier, ()):
+        for rid in self._doubtful.pop(barrier, (partition, set()))[1]:
             entry = self._pending.get(rid)
             if entry is not None and not entry[1].done():
                 entry[1].set_exception(_maybe_lost(partition))
