@@ -1,71 +1,21 @@
 """What the gateway's PartitionClient answers for a request in flight when its partition restarts.
 
-The partition's side of the wire is played by the test on a real ZeroMQ ROUTER socket, message by message, as
-partitions/process.py behaves: a heartbeat answered with the epoch (and the barrier id it carried), a change
+The partition's side of the wire is played by the test (tests/unit/gateway_wire.py), as partitions/process.py
+behaves: a heartbeat answered with the epoch (and the barrier id it carried), a change
 addressed to another epoch refused unapplied with "stale_epoch" and the current epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import zmq
 
-from runtime.config import Config
 from runtime.errors import PartitionUnavailableError
-from runtime.gateway.partition_client import PartitionClient
-from runtime.router.channel import Message, ZmqChannel
+from tests.unit.gateway_wire import DEADLINE_S, drive
 
-DEADLINE_S = 10.0
 START = {"op": "start", "i": "x", "n": "Orch"}
-
-
-def run(tmp_path: Path, body: Callable[[PartitionClient, ZmqChannel, Callable[[str], Awaitable[tuple]]], Awaitable[None]]
-        ) -> None:
-    config = Config(data_dir=str(tmp_path / "data"), partitions=1, heartbeat_interval_s=3600.0)
-    os.makedirs(config.runtime_dir(), exist_ok=True)
-
-    async def main() -> None:
-        ctx = zmq.Context()
-        partition = ZmqChannel.router(ctx, config.partition_endpoint(0))
-        client = PartitionClient(config, on_message=lambda p, m: None)
-        client.start()
-
-        received: list[tuple[bytes, Message]] = []  # in arrival order, not yet looked at
-
-        async def next_op(op: str) -> tuple[bytes, Message]:
-            """The next message with `op`; those before it are passed over."""
-            while True:
-                while received:
-                    sender, message = received.pop(0)
-                    if message.get("op") == op:
-                        return sender, message
-                received.extend(await partition.recv())
-
-        try:
-            gateway, _ = await next_op("hb")  # the client's first heartbeat: epoch 1
-            partition.send({"op": "hb", "p": 0, "ep": 1}, to=gateway)
-            await asyncio.wait_for(_until(client.ready), DEADLINE_S)
-            await body(client, partition, next_op)
-        finally:
-            client.close()
-            partition.close()
-            ctx.term()
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
-    finally:
-        shutil.rmtree(config.runtime_dir(), ignore_errors=True)
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.005)
 
 
 def test_a_request_refused_by_the_restarted_partition_is_sent_again_and_answered(tmp_path: Path) -> None:
@@ -85,7 +35,7 @@ def test_a_request_refused_by_the_restarted_partition_is_sent_again_and_answered
         partition.send({"op": "reply", "rid": second["rid"], "ok": {"created": True}}, to=gateway)
         assert await request == {"created": True}
 
-    run(tmp_path, body)
+    drive(tmp_path, body)
 
 
 def test_a_request_the_old_process_took_with_it_may_not_have_taken_effect(tmp_path: Path) -> None:
@@ -99,4 +49,4 @@ def test_a_request_the_old_process_took_with_it_may_not_have_taken_effect(tmp_pa
         with pytest.raises(PartitionUnavailableError, match="restarted; the request may not have taken effect"):
             await request
 
-    run(tmp_path, body)
+    drive(tmp_path, body)

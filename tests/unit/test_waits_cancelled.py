@@ -6,54 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 from partitions.process import PartitionProcess
 from partitions.state_machine import apply
 from runtime.config import Config
-from runtime.gateway.partition_client import PartitionClient
-from runtime.router.channel import ZmqChannel
+from tests.unit.gateway_wire import drive
 
-DEADLINE_S = 10.0
 WEEK_MS = 7 * 24 * 3600 * 1000
 
 
 def test_a_cancelled_wait_is_withdrawn_from_its_partition(tmp_path: Path) -> None:
-    config = Config(data_dir=str(tmp_path / "data"), partitions=1)
-    os.makedirs(config.runtime_dir(), exist_ok=True)
+    async def body(client, partition, next_op) -> None:
+        waiting = asyncio.ensure_future(client.request(0, {"op": "wait", "i": "x", "k": "done"}, 3600.0))
+        _, wait = await next_op("wait")
+        waiting.cancel()
+        _, unwait = await next_op("unwait")
+        assert unwait == {"op": "unwait", "i": "x", "rid": wait["rid"]}
 
-    async def main() -> None:
-        ctx = zmq.Context()
-        partition = ZmqChannel.router(ctx, config.partition_endpoint(0))
-        client = PartitionClient(config, on_message=lambda p, m: None)
-        client.start()
-        try:
-            waiting = asyncio.ensure_future(client.request(0, {"op": "wait", "i": "x", "k": "done"}, 3600.0))
-
-            async def next_op(op: str) -> dict:
-                while True:
-                    for _, message in await partition.recv():
-                        if message.get("op") == op:
-                            return message
-
-            wait = await next_op("wait")
-            waiting.cancel()
-            unwait = await next_op("unwait")
-            assert unwait == {"op": "unwait", "i": "x", "rid": wait["rid"]}
-        finally:
-            client.close()
-            partition.close()
-            ctx.term()
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
-    finally:
-        shutil.rmtree(config.runtime_dir(), ignore_errors=True)
+    drive(tmp_path, body)
 
 
 @pytest.fixture
