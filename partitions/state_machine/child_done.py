@@ -16,4 +16,8 @@ def apply_child_done(ctx: Ctx, cmd: dict[str, Any]) -> None:
         return
     event = ev.child_result(ctx.now_ms, cmd["t"], cmd["s"], cmd.get("out"), cmd.get("fd"))
     ctx.enqueue_event(instance_id, record, event)
+    not_started = cmd.get("ns")
+    if not_started and not_started in (record.get("ch") or ()):
+        # Its id belongs to another running instance: a recursive terminate or purge must not reach that one.
+        record["ch"].remove(not_started)
     ctx.save(instance_id, record)

@@ -58,7 +58,9 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if value is not None:
             delivered.append(value)
             ctx.txn.delete_inbox_key(key)
-    terminate_requested = any(pb.HistoryEvent.FromString(e).HasField("executionTerminated") for e in delivered[1:])
+    terminations = [event.executionTerminated for event in map(pb.HistoryEvent.FromString, delivered[1:])
+                    if event.HasField("executionTerminated")]
+    terminate_requested = bool(terminations)
 
     record.pop("ab", None)  # a worker took it: the abandon backoff starts over
     if record["s"] == ev.PENDING:
@@ -80,6 +82,10 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         finish_execution(ctx, instance_id, record, ev.TERMINATED, None, None)
     else:
         _requeue_if_pending(ctx, instance_id, record)
+    if record["s"] == ev.TERMINATED and any(t.recurse for t in terminations):
+        # Children this execution started after the terminate went out (its work item was in flight then) have
+        # not been told yet; for the others it is a quiet repeat.
+        terminate_children(ctx, instance_id, record, None, [])
     ctx.save(instance_id, record)
     ctx.reply(cmd)
 
@@ -193,3 +199,13 @@ def _requeue_if_pending(ctx: Ctx, instance_id: str, record: Record) -> None:
         ctx.mark_ready(instance_id, record)
     else:
         record["wk"] = 0
+
+
+def terminate_children(ctx: Ctx, instance_id: str, record: dict[str, Any], output: Any, via: list[str]) -> None:
+    """A recursive terminate reaches every child. `via` holds the instances the cascade came through, so a
+    child list that leads back to one of them ends the cascade instead of going round (or, on one partition,
+    recursing until the stack runs out)."""
+    path = [*via, instance_id]
+    for child in record.get("ch") or ():
+        if child not in path:
+            ctx.send_to_instance(child, {"op": "terminate", "out": output, "r": True, "quiet": True, "via": path})

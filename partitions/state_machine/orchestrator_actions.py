@@ -11,6 +11,7 @@ from collections.abc import Callable
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from protos import orchestrator_service_pb2 as pb
+from runtime.hashing import partition_for
 
 
 class Outcome:
@@ -50,8 +51,8 @@ def _apply_create_sub_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestra
         ),
     )
     children = record.setdefault("ch", [])
-    if child_id not in children:
-        children.append(child_id)
+    if child_id not in children and not _taken_here(ctx, out.instance_id, child_id):
+        children.append(child_id)  # a child elsewhere whose start fails is taken off again (apply_child_done)
     message = {
         "op": "start_child",
         "n": sub.name,
@@ -63,6 +64,17 @@ def _apply_create_sub_orchestration(ctx: Ctx, out: Outcome, action: pb.Orchestra
     if sub.HasField("parentTraceContext"):
         message["tc"] = sub.parentTraceContext.SerializeToString()
     ctx.send_to_instance(child_id, message)
+
+
+def _taken_here(ctx: Ctx, instance_id: str, child_id: str) -> bool:
+    """The child's id is this instance's own, or a running instance's on this partition: its start will fail,
+    and it must not become a child that a recursive terminate or purge reaches."""
+    if child_id == instance_id:
+        return True
+    if partition_for(child_id, ctx.state.partition_count) != ctx.state.partition:
+        return False
+    existing = ctx.load(child_id)
+    return existing is not None and existing["s"] not in ev.TERMINAL
 
 
 def _apply_create_timer(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:

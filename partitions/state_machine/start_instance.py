@@ -44,9 +44,9 @@ def apply_start_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
             failure = ev.failure_details(
                 "InstanceAlreadyExists", f"a sub-orchestration with id '{instance_id}' is already running"
             )
-            ctx.send_to_instance(
-                parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure}
-            )
+            ctx.send_to_instance(parent[0], {  # "ns": not started, so not the parent's child
+                "op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure, "ns": instance_id,
+            })
             return
         remove_instance(ctx, instance_id, existing)
     create_instance(ctx, instance_id, cmd, parent=parent)

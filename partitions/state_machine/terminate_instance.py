@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.complete_orchestration import finish_execution
+from partitions.state_machine.complete_orchestration import finish_execution, terminate_children
 from partitions.state_machine.context import WAKES_SCHEDULED, Ctx
 from runtime.errors import InstanceNotFoundError
 
@@ -24,8 +24,7 @@ def apply_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
         ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SCHEDULED)
         ctx.save(instance_id, record)
         if recurse:
-            for child in record.get("ch") or ():
-                ctx.send_to_instance(child, {"op": "terminate", "out": cmd.get("out"), "r": True, "quiet": True})
+            terminate_children(ctx, instance_id, record, cmd.get("out"), cmd.get("via") or [])
     ctx.reply(cmd)
 
 

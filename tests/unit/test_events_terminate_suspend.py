@@ -14,6 +14,7 @@ from tests.unit.conftest import (
     TERMINATED,
     complete,
     create_sub,
+    deliver,
     id_on,
     kinds,
     of_type,
@@ -190,7 +191,7 @@ def test_recursive_terminate_sends_terminate_to_children(pair):
     assert act.SendToPartition(1) in actions
     rows = p0.outbox(1)[start_rows:]
     assert [m for _, m in rows] == [
-        {"op": "terminate", "i": remote_child, "out": '"why"', "r": True, "quiet": True}
+        {"op": "terminate", "i": remote_child, "out": '"why"', "r": True, "quiet": True, "via": [parent]}
     ]
 
 
@@ -211,3 +212,56 @@ def test_resume_does_not_start_a_scheduled_instance_early(core):
     core.apply({"op": "fire_timers"}, now=at)
     _, request = core.dispatch_one("a")
     assert kinds(request.newEvents)[:2] == ["orchestratorStarted", "executionStarted"]
+
+
+def _terminations(core, instance_id) -> int:
+    return kinds(core.inbox(instance_id)).count("executionTerminated")
+
+
+def test_a_child_started_by_a_work_item_in_flight_during_a_recursive_terminate_is_terminated_too(pair):
+    p0, p1 = pair
+    parent, first, second = id_on(0, 2, "parent"), id_on(1, 2, "first"), id_on(1, 2, "second")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", first)])
+    deliver(p0, p1)
+    p0.request({"op": "raise", "i": parent, "n": "go"})
+    token, _ = p0.dispatch_one(parent)  # in flight when the terminate arrives...
+    p0.request({"op": "terminate", "i": parent, "r": True})
+    p0.complete_orch(parent, token, [create_sub(2, "C", second)])  # ...and it starts another child
+    token, request = p0.dispatch_one(parent)
+    assert "executionTerminated" in kinds(request.newEvents)
+    p0.complete_orch(parent, token, [complete(3, TERMINATED)])
+    deliver(p0, p1)
+
+    assert p0.status(parent) == TERMINATED
+    assert _terminations(p1, first) >= 1 and _terminations(p1, second) == 1
+
+
+def test_a_sub_orchestration_id_taken_by_a_running_instance_is_not_the_parents_child(core):
+    # Its own id, or another running instance's: the start fails, and neither becomes a child that a recursive
+    # terminate (or purge) would reach. Before, terminating "a" recursed on itself until the stack ran out.
+    _running(core, "other")
+    core.start("a")
+    core.run_first("a", [create_sub(1, "C", "a"), create_sub(2, "C", "other")])
+    assert core.record("a")["ch"] == []
+
+    core.request({"op": "terminate", "i": "a", "r": True})
+    assert _terminations(core, "a") == 1
+    assert _terminations(core, "other") == 0
+
+
+def test_a_recursive_terminate_does_not_go_round_a_child_list_that_leads_back(pair):
+    # B (on p1) tries to start A, its own parent: until the failure comes back to B, B's child list names A.
+    p0, p1 = pair
+    a, b = id_on(0, 2, "A"), id_on(1, 2, "B")
+    p0.start(a)
+    p0.run_first(a, [create_sub(1, "C", b)])
+    deliver(p0, p1)
+    p1.run_first(b, [create_sub(1, "C", a)])
+    assert p1.record(b)["ch"] == [a]
+    p0.request({"op": "terminate", "i": a, "r": True})
+    for _ in range(3):  # the start of A and the terminate of A cross; then B's terminate must not come back
+        deliver(p0, p1)
+        deliver(p1, p0)
+
+    assert _terminations(p0, a) == 1 and _terminations(p1, b) == 1
