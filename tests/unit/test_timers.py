@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from partitions.state_machine import actions as act
+from protos import orchestrator_service_pb2 as pb
 from tests.unit.conftest import (
     COMPLETED,
     CONTINUED_AS_NEW,
+    FAILED,
+    RUNNING,
     T0,
     Core,
     complete,
@@ -13,6 +16,7 @@ from tests.unit.conftest import (
     kinds,
     ms_of,
     of_type,
+    schedule_task,
 )
 
 
@@ -118,3 +122,27 @@ def test_a_timer_row_that_cannot_fire_is_dropped_not_retried_forever(core):
     core.apply({"op": "fire_timers"}, now=T0 + 1)
 
     assert core.timers() == []
+
+
+def test_a_timer_that_came_due_while_the_instance_was_failed_fires_after_a_rewind(core):
+    fire = T0 + 10_000
+    failure = pb.TaskFailureDetails(errorType="E", errorMessage="boom")
+    core.start("a")
+    core.run_first("a", [create_timer(1, fire), schedule_task(2, "Act")])
+    token, _ = core.dispatch_act()[0]
+    core.complete_act("a", 2, token, failure=failure)
+    core.run_first("a", [complete(3, FAILED, failure=failure)])
+    core.apply({"op": "fire_timers"}, now=fire + 10_000)  # due while FAILED: the row goes, nothing fires
+    assert core.timers() == []
+
+    core.request({"op": "rewind", "i": "a"})
+    token, request = core.dispatch_one("a")
+    assert "executionRewound" in kinds(request.newEvents)
+    clean = [e for e in core.history("a") if e.WhichOneof("eventType") not in ("taskFailed", "executionCompleted")]
+    core.complete_orch("a", token, [pb.OrchestratorAction(
+        id=-1, rewindOrchestration=pb.RewindOrchestrationAction(newHistory=clean))])
+    assert core.status("a") == RUNNING
+    assert [(fire_ms, timer_id) for fire_ms, _, timer_id, _ in core.timers()] == [(fire, 1)]
+
+    core.apply({"op": "fire_timers"}, now=fire + 20_000)
+    assert [e.timerFired.timerId for e in core.inbox("a") if e.HasField("timerFired")] == [1]
