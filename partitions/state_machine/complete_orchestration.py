@@ -172,6 +172,12 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     """Reset history; the next work item starts with executionStarted(new input), carry-over, then arrivals."""
     instance_id, record = out.instance_id, out.record
     leftovers = ctx.txn.inbox(instance_id)
+    if any(event.executionTerminated.recurse for event in (pb.HistoryEvent.FromString(raw) for _, raw in leftovers)
+           if event.HasField("executionTerminated")):
+        terminate_children(ctx, instance_id, record, None, [])  # before the list goes: it carries over only here
+    # Children belong to the execution that started them, as in its history: an eternal orchestration's list
+    # would otherwise grow for ever, and a recursive terminate or purge reach every past generation's children.
+    record["ch"] = []
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)
     record["hl"] = 0

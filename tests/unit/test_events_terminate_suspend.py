@@ -8,6 +8,7 @@ from partitions.state_machine import actions as act
 from runtime.errors import InstanceNotFoundError
 from tests.unit.conftest import (
     COMPLETED,
+    CONTINUED_AS_NEW,
     RUNNING,
     SUSPENDED,
     T0,
@@ -265,3 +266,24 @@ def test_a_recursive_terminate_does_not_go_round_a_child_list_that_leads_back(pa
         deliver(p1, p0)
 
     assert _terminations(p0, a) == 1 and _terminations(p1, b) == 1
+
+
+def test_continue_as_new_starts_with_no_children_but_a_recursive_terminate_in_flight_still_reaches_them(pair):
+    p0, p1 = pair
+    parent, old, late = id_on(0, 2, "eternal"), id_on(1, 2, "old"), id_on(1, 2, "late")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", old)])
+    p0.request({"op": "raise", "i": parent, "n": "go"})
+    token, _ = p0.dispatch_one(parent)
+    p0.complete_orch(parent, token, [complete(2, CONTINUED_AS_NEW, '"next"')])
+    assert p0.record(parent)["ch"] == []  # the list does not grow with every generation
+
+    # A recursive terminate that arrives while the generation's last work item is in flight is carried into the
+    # next generation; the children that work item started hear of it all the same.
+    p0.request({"op": "raise", "i": parent, "n": "go"})
+    token, _ = p0.dispatch_one(parent)
+    p0.request({"op": "terminate", "i": parent, "r": True})
+    p0.complete_orch(parent, token, [create_sub(1, "C", late), complete(2, CONTINUED_AS_NEW, '"again"')])
+    deliver(p0, p1)
+    assert _terminations(p1, late) == 1
+    assert _terminations(p1, old) == 0  # a child of an earlier generation is its own
