@@ -307,12 +307,7 @@ class PartitionProcess:
                 commands.append({"op": "abandon", "tok": lease.token, "quiet": True})
                 # The gateway still counts the item against its stream's limit: that slot is free now.
                 self.channel.send({"op": "expired", "tok": lease.token}, to=lease.gateway)
-        for instance_id, waiters in list(self.state.waiters.items()):
-            alive = [w for w in waiters if not w.deadline_ms or w.deadline_ms > now]
-            if alive:
-                self.state.waiters[instance_id] = alive
-            else:
-                del self.state.waiters[instance_id]
+        self.drop_waiters(lambda w: bool(w.deadline_ms) and w.deadline_ms <= now)  # their callers gave up
         self.outbox.resend_due(now)
 
     def drop_waiters(self, which: Callable[[Waiter], bool], instance_id: Any = None) -> None:

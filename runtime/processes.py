@@ -18,6 +18,10 @@ CONFIG_ENV = "DURABLE_RUNTIME_CONFIG_JSON"
 # the gateways first and stops the partitions after them.
 STOP_SIGNAL = signal.SIGUSR1
 
+# A partition exits with this when it cannot run with the node's data directory or configuration, and
+# restarting it would not help: the supervisor stops the node.
+EXIT_PARTITION_CANNOT_RUN = 78
+
 
 def become_child() -> None:
     """Ignore the group's SIGTERM/SIGINT and stop (via STOP_SIGNAL) when the supervisor dies."""

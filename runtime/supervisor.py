@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from runtime import locks
 from runtime.config import Config
-from runtime.processes import CONFIG_ENV, STOP_SIGNAL, config_to_env
+from runtime.processes import CONFIG_ENV, EXIT_PARTITION_CANNOT_RUN, STOP_SIGNAL, config_to_env
 
 log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "durable-runtime.json"
 CLAIM_FILE = "durable-runtime.lock"  # held by the running node's supervisor
-EXIT_PARTITION_CANNOT_RUN = 78  # see partitions/__main__.py
 EXIT_BAD_CONFIG = 2
 EXIT_UNCLEAN_STOP = 1
 _POLL_S = 0.1
