@@ -199,7 +199,15 @@ class PartitionProcess:
             return
         self.armed_timer_ms = self.next_timer_ms
         delay = max(0.0, self.next_timer_ms / 1000 - time.time())
-        asyncio.get_running_loop().call_later(delay + 0.001, self.channel.wake)
+        asyncio.get_running_loop().call_later(delay + 0.001, self.timer_due, self.next_timer_ms)
+
+    def timer_due(self, fire_ms: int) -> None:
+        # Once its wake-up has run, a time is no longer armed: a timer created later for the same
+        # (by then past) millisecond, or one the wake-up found not yet due because the wall clock
+        # was stepped back, is armed again instead of waiting for the next message or tick.
+        if self.armed_timer_ms == fire_ms:
+            self.armed_timer_ms = None
+        self.channel.wake()
 
     # one batch
     def process(self, batch: list[tuple[bytes | None, Message]]) -> None:

@@ -7,6 +7,7 @@ transaction after the commit. Only `protos.orchestrator_service_pb2` is used (ne
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,12 +16,14 @@ import pytest
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from partitions import dispatch
+from partitions.process import PartitionProcess
 from partitions.state_machine import actions as act
 from partitions.state_machine import apply
 from partitions.state_machine.state import CoreState
 from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore, StoreTxn, unpack
 from protos import orchestrator_service_pb2 as pb
+from runtime.config import Config
 from runtime.hashing import partition_for
 
 T0 = 1_700_000_000_000  # a fixed "now" in ms; tests advance it explicitly
@@ -306,6 +309,21 @@ class Core:
 
 def replies(actions: Iterable[Any]) -> list[act.Reply]:
     return of_type(actions, act.Reply)
+
+
+@pytest.fixture
+def process(tmp_path) -> Iterator[PartitionProcess]:
+    """A whole partition process object (store, claim, ZeroMQ context), not started: tests call its parts."""
+    config = Config(data_dir=str(tmp_path / "data"), partitions=1, gateway_timeout_s=10.0)
+    process = PartitionProcess(config, 0)
+    try:
+        yield process
+    finally:
+        if process.channel is not None:
+            process.channel.close()
+        process.store.close()
+        os.close(process.claim)
+        process.ctx.term()
 
 
 @pytest.fixture

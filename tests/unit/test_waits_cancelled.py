@@ -5,15 +5,11 @@ and a real partition store."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
-import pytest
-
 from partitions.process import PartitionProcess
 from partitions.state_machine import apply
-from runtime.config import Config
 from tests.unit.gateway_wire import drive
 
 WEEK_MS = 7 * 24 * 3600 * 1000
@@ -28,18 +24,6 @@ def test_a_cancelled_wait_is_withdrawn_from_its_partition(tmp_path: Path) -> Non
         assert unwait == {"op": "unwait", "i": "x", "rid": wait["rid"]}
 
     drive(tmp_path, body)
-
-
-@pytest.fixture
-def process(tmp_path: Path):
-    config = Config(data_dir=str(tmp_path / "data"), partitions=1, gateway_timeout_s=10.0)
-    process = PartitionProcess(config, 0)
-    try:
-        yield process
-    finally:
-        process.store.close()
-        os.close(process.claim)
-        process.ctx.term()
 
 
 def start(process: PartitionProcess, instance_id: str, now: int) -> None:
