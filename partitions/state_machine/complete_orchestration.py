@@ -63,6 +63,7 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     terminate_requested = bool(terminations)
 
     record.pop("ab", None)  # a worker took it: the abandon backoff starts over
+    record.pop("sp", None)  # ...and ran it: no longer "suspended before it started"
     if record["s"] == ev.PENDING:
         ctx.set_status(instance_id, record, ev.RUNNING)
     if response.HasField("customStatus"):
@@ -155,6 +156,7 @@ def finish_execution(
         ctx, instance_id, record, [ev.history_event(ctx.now_ms, event_id, executionCompleted=completed).SerializeToString()]
     )
     ctx.set_status(instance_id, record, status)
+    record.pop("sp", None)
     record["out"] = result
     record["fd"] = failure
     record["d"] = ctx.now_ms

@@ -21,6 +21,8 @@ def apply_suspend(ctx: Ctx, cmd: dict[str, Any]) -> None:
     instance_id = cmd["i"]
     record = _load(ctx, instance_id)
     if record["s"] not in ev.TERMINAL and record["s"] != ev.SUSPENDED:
+        if record["s"] == ev.PENDING:
+            record["sp"] = 1  # not started yet: a resume makes it PENDING again, not RUNNING
         ctx.set_status(instance_id, record, ev.SUSPENDED)
         ctx.enqueue_event(instance_id, record, ev.execution_suspended(ctx.now_ms, cmd.get("reason")))
         ctx.save(instance_id, record)
@@ -28,11 +30,14 @@ def apply_suspend(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_resume(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Only a suspended instance gets executionResumed: the SDK fails an instance on a stray one."""
+    """Only a suspended instance gets executionResumed: the SDK fails an instance on a stray one.
+
+    It goes back to PENDING if no worker had run it yet (say, its scheduled start is still to come).
+    """
     instance_id = cmd["i"]
     record = _load(ctx, instance_id)
     if record["s"] == ev.SUSPENDED:
-        ctx.set_status(instance_id, record, ev.RUNNING)
+        ctx.set_status(instance_id, record, ev.PENDING if record.pop("sp", None) else ev.RUNNING)
         ctx.enqueue_event(instance_id, record, ev.execution_resumed(ctx.now_ms, cmd.get("reason")), wakes=WAKES_SUSPENDED)
         ctx.save(instance_id, record)
     ctx.reply(cmd)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from durabletask import task
@@ -224,6 +224,18 @@ def test_suspend_resume_status_transitions(client):
     wait_until(state_matches(client, iid, OrchestrationStatus.RUNNING, "got-go"), message="resumed and progressed")
     client.raise_orchestration_event(iid, "go2", data="b")
     assert finish(client, iid).get_output() == ["a", "b"]
+
+
+def test_an_instance_suspended_before_its_scheduled_start_is_pending_again_after_resume(client):
+    start_at = datetime.now(UTC) + timedelta(hours=1)
+    iid = client.schedule_new_orchestration(wait_forever, instance_id=new_id(), start_at=start_at)
+    assert client.get_orchestration_state(iid).runtime_status == OrchestrationStatus.PENDING
+    client.suspend_orchestration(iid)
+    assert client.get_orchestration_state(iid).runtime_status == OrchestrationStatus.SUSPENDED
+    client.resume_orchestration(iid)
+    assert client.get_orchestration_state(iid).runtime_status == OrchestrationStatus.PENDING
+    client.terminate_orchestration(iid)
+    finish(client, iid, OrchestrationStatus.TERMINATED)
 
 
 def test_terminate_suspended_instance(client):

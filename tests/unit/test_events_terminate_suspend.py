@@ -9,6 +9,7 @@ from runtime.errors import InstanceNotFoundError
 from tests.unit.conftest import (
     COMPLETED,
     CONTINUED_AS_NEW,
+    PENDING,
     RUNNING,
     SUSPENDED,
     T0,
@@ -207,12 +208,37 @@ def test_resume_does_not_start_a_scheduled_instance_early(core):
     at = T0 + 10_000
     core.start("a", ss=at)
     core.request({"op": "suspend", "i": "a"})
+    assert core.status("a") == SUSPENDED
     core.request({"op": "resume", "i": "a"})
+    assert core.status("a") == PENDING  # it has not started: resume does not make it RUNNING
 
     assert core.dispatch_orch() == []
     core.apply({"op": "fire_timers"}, now=at)
-    _, request = core.dispatch_one("a")
+    token, request = core.dispatch_one("a")
     assert kinds(request.newEvents)[:2] == ["orchestratorStarted", "executionStarted"]
+    core.complete_orch("a", token, [])
+    assert core.status("a") == RUNNING
+
+
+def test_an_instance_that_ran_while_suspended_resumes_running(core):
+    core.start("a")
+    token, _ = core.dispatch_one("a")  # its first turn is in flight...
+    core.request({"op": "suspend", "i": "a"})  # ...while it is still PENDING
+    core.complete_orch("a", token, [])
+    assert core.status("a") == SUSPENDED
+    core.request({"op": "resume", "i": "a"})
+    assert core.status("a") == RUNNING
+
+
+def test_a_pending_instance_suspended_and_terminated_stays_terminated_after_resume(core):
+    core.start("a", ss=T0 + 10_000)
+    core.request({"op": "suspend", "i": "a"})
+    core.request({"op": "terminate", "i": "a"})
+    token, _ = core.dispatch_one("a")
+    core.complete_orch("a", token, [complete(0, TERMINATED)])
+    core.request({"op": "resume", "i": "a"})
+    assert core.status("a") == TERMINATED
+    assert "sp" not in core.record("a")
 
 
 def _terminations(core, instance_id) -> int:
