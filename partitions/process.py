@@ -333,6 +333,9 @@ class PartitionProcess:
         self.store.ensure_room(_BATCH_HEADROOM_BYTES)
         txn = self.store.begin(write=True)
         actions: list[Any] = []
+        # Refusals wait for the commit too: ALREADY_EXISTS or NOT_FOUND may rest on an earlier command of
+        # this batch, which a failed commit undoes.
+        refusals: list[tuple[dict[str, Any], str, str]] = []
         for command in commands:
             counters = self.state.snapshot_counters()
             child = txn.child()
@@ -343,12 +346,12 @@ class PartitionProcess:
             except DurableRuntimeError as exc:
                 child.abort()
                 self.state.restore_counters(counters)
-                self.reply_error(command, exc.code, str(exc))
+                refusals.append((command, exc.code, str(exc)))
             except Exception as exc:  # a bug: answer; unless the command only reads, restart from LMDB
                 child.abort()
                 self.state.restore_counters(counters)
                 log.exception("partition %d: command %r failed", self.partition, command.get("op"))
-                self.reply_error(command, "internal", f"internal error: {exc}")
+                refusals.append((command, "internal", f"internal error: {exc}"))
                 if command.get("op") not in READ_ONLY_COMMANDS:
                     self.crash_requested = True
         self.state.save_counters(txn)
@@ -357,6 +360,8 @@ class PartitionProcess:
         except lmdb.Error as exc:  # e.g. the disk is full: nothing of this batch was applied
             self.commit_failed(commands, exc)
             return []
+        for command, code, message in refusals:
+            self.reply_error(command, code, message)
         return actions
 
     def commit_failed(self, commands: list[dict[str, Any]], exc: Exception) -> None:
