@@ -148,10 +148,7 @@ class PartitionProcess:
         try:
             while not self.stopping:
                 # Everything that arrived meanwhile (or nothing, when a timer or the ticker woke us).
-                messages = await self.channel.recv()
-                batch, self.pending = self.pending, []
-                batch.extend(messages)
-                self.process(batch)
+                self.process(self.next_batch(await self.channel.recv()))
                 if self.crash_requested:
                     raise SystemExit(70)
         finally:
@@ -161,6 +158,12 @@ class PartitionProcess:
             self.store.close()
             self.ctx.term()
             log.info("partition %d stopped", self.partition)
+
+    def next_batch(self, received: list[tuple[bytes | None, Message]]) -> list[tuple[bytes | None, Message]]:
+        """What arrived, then what the ticker posted: housekeeping judges a gateway's silence only after the
+        messages that waited while this process could not run (a long commit, a stall) have been counted."""
+        batch, self.pending = received + self.pending, []
+        return batch
 
     def bind(self) -> ZmqChannel:
         endpoint = self.config.partition_endpoint(self.partition)

@@ -97,6 +97,7 @@ class PartitionClient:
                 elif op == "forgot":
                     log.warning("partition %d dropped this gateway after a silence; granting it work again", partition)
                     self._note_epoch(partition, int(message["ep"]))
+                    self._resend_reads(partition, ("wait",))  # it dropped our parked waits with us
                     self.on_restart(partition)
                 else:
                     if "ep" in message:
@@ -138,13 +139,12 @@ class PartitionClient:
         again. Which one is known once a heartbeat sent now comes back: the partition answers in order."""
         for barrier in [b for b, (p, _) in self._doubtful.items() if p == partition]:
             del self._doubtful[barrier]  # restarted again before answering it: its requests are counted below
+        self._resend_reads(partition, ("wait", "get"))
         doubtful = set()
         for rid, (p, future, message) in list(self._pending.items()):
-            if p != partition or future.done():
+            if p != partition or future.done() or message.get("op") in ("wait", "get"):
                 continue
-            if message.get("op") in ("wait", "get"):
-                self.channels[partition].send(message)
-            elif "gep" in message:
+            if "gep" in message:
                 doubtful.add(rid)
             else:  # sent before we knew any epoch of this partition
                 future.set_exception(_maybe_lost(partition))
@@ -153,6 +153,13 @@ class PartitionClient:
             self._doubtful[barrier] = (partition, doubtful)
             self.channels[partition].send({"op": "hb", "bar": barrier})
         self.on_restart(partition)
+
+    def _resend_reads(self, partition: int, ops: tuple[str, ...]) -> None:
+        """Send the pending requests with these ops to `partition` again: they only read, and a partition parks
+        a wait it already holds only once."""
+        for p, future, message in list(self._pending.values()):
+            if p == partition and not future.done() and message.get("op") in ops:
+                self.channels[partition].send(message)
 
     def _passed_barrier(self, partition: int, barrier: int) -> None:
         """Requests of unknown fate that the new process has not refused by now went to the old one."""

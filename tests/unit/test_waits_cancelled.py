@@ -8,7 +8,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from partitions.process import PartitionProcess
+from partitions.process import PartitionProcess, now_ms
 from partitions.state_machine import apply
 from tests.unit.gateway_wire import drive
 
@@ -70,3 +70,39 @@ def test_a_gateway_dropped_for_silence_takes_its_waiters_with_it(process: Partit
     process.housekeeping(now + 20_000, commands)
     assert {"op": "release_gateway", "g": b"g-1"} in commands
     assert waiters(process) == [(b"g-2", 1)]
+
+
+def test_a_gateway_the_partition_forgot_parks_its_waits_again(tmp_path: Path) -> None:
+    """A partition that dropped a silent gateway dropped its parked waits too; when it says so ("forgot"), the
+    gateway sends every wait still pending there again, and the caller is answered when the instance ends."""
+
+    async def body(client, partition, next_op) -> None:
+        waiting = asyncio.ensure_future(client.request(0, {"op": "wait", "i": "x", "k": "done"}, 3600.0))
+        gateway, wait = await next_op("wait")
+        partition.send({"op": "forgot", "p": 0, "ep": 1}, to=gateway)
+        _, again = await next_op("wait")
+        assert again == wait
+        partition.send({"op": "reply", "rid": wait["rid"], "ok": {"i": "x", "s": 1}}, to=gateway)
+        assert await waiting == {"i": "x", "s": 1}
+
+    drive(tmp_path, body)
+
+
+def test_a_heartbeat_that_waited_through_a_stall_counts_before_the_tick(process: PartitionProcess) -> None:
+    """After a stall longer than the gateway timeout, the heartbeat that waited in the socket meanwhile is
+    counted before the housekeeping tick judges the gateway's silence: the gateway keeps its waits."""
+    gateway = b"g-1"
+
+    async def body() -> None:
+        process.channel = process.bind()
+        now = now_ms()
+        process.classify(gateway, {"op": "credit", "k": "o", "n": 0, "keep": 0}, now, [])
+        start(process, "a", now)
+        park(process, gateway, 1, "a", now)
+        process.gateways[gateway].last_seen_ms = now - int(process.config.gateway_timeout_s * 1000) - 5_000
+        process.pending.append((None, {"op": "_tick"}))  # the ticker's, posted when the stall ended
+        process.process(process.next_batch([(gateway, {"op": "hb"})]))
+
+    asyncio.run(body())
+    assert gateway in process.gateways and gateway not in process.forgotten
+    assert waiters(process) == [(gateway, 1)]
