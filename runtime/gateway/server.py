@@ -45,6 +45,7 @@ class GatewayServer:
         client = PartitionClient(config, on_message=lambda p, m: dispatcher.on_message(p, m))
         dispatcher = self.dispatcher = WorkDispatcher(client)
         client.on_restart = dispatcher.on_partition_restart
+        client.held_activities = dispatcher.held_activities
         servicer = Servicer(config, client, dispatcher)
         options = [
             # Completions may exceed the request limit: they are read, then turned into a clear failure

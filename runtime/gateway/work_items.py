@@ -126,6 +126,14 @@ class WorkDispatcher:
             stream.inflight[kind].clear()
         self.schedule_grant()
 
+    def held_activities(self) -> dict[int, list[str]]:
+        """The activity tokens the streams hold, by partition (for the heartbeats that renew their leases)."""
+        held: dict[int, list[str]] = defaultdict(list)
+        for token, (_, kind, partition) in self.owner.items():
+            if kind == "a":
+                held[partition].append(token)
+        return held
+
     def completed(self, token: str) -> None:
         """A Complete* or Abandon* call for `token` arrived: its slot is free again."""
         entry = self.owner.pop(token, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import grpc
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
-from google.protobuf import wrappers_pb2
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from runtime.hashing import partition_for
 
@@ -212,6 +213,48 @@ def test_an_expired_lease_frees_its_slot_on_the_stream(tmp_path: Path):
                 assert first.orchestratorRequest.instanceId in ids and second.orchestratorRequest.instanceId in ids
                 assert second.completionToken != first.completionToken
                 complete(stub, second, DONE)
+            finally:
+                stream.close()
+    finally:
+        rt.close()
+
+
+def test_an_activity_held_by_a_stream_outlives_its_lease_timeout(tmp_path: Path):
+    """Heartbeats renew the activity leases the gateway's streams hold (their tokens listed, partition by
+    partition), so an activity runs as long as its stream holds it: with a 1 s lease timeout, it is not sent
+    again while a 2.5 s durable timer of another instance runs out, and its completion is then accepted."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1"])
+    rt.start()
+    try:
+        with grpc.insecure_channel(rt.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            stream = RawStream(channel, pb.GetWorkItemsRequest(
+                maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10))
+            try:
+                held, clock = new_id("held"), new_id("clock")
+                stub.StartInstance(pb.CreateInstanceRequest(instanceId=held, name="held"), timeout=DEADLINE_S)
+                complete(stub, stream.next(), pb.OrchestratorAction(
+                    id=1, scheduleTask=pb.ScheduleTaskAction(name="slow")))
+                activity = stream.next()
+                assert activity.HasField("activityRequest")
+
+                stub.StartInstance(pb.CreateInstanceRequest(instanceId=clock, name="clock"), timeout=DEADLINE_S)
+                fire_at = timestamp_pb2.Timestamp()
+                fire_at.FromMilliseconds(int(time.time() * 1000) + 2_500)
+                complete(stub, stream.next(), pb.OrchestratorAction(
+                    id=1, createTimer=pb.CreateTimerAction(fireAt=fire_at)))
+                fired = stream.next()  # only the timer's turn comes: the activity is not sent again meanwhile
+                assert fired.orchestratorRequest.instanceId == clock, fired
+                assert any(e.HasField("timerFired") for e in fired.orchestratorRequest.newEvents)
+                complete(stub, fired, DONE)
+
+                stub.CompleteActivityTask(pb.ActivityResponse(
+                    instanceId=held, taskId=1, completionToken=activity.completionToken,
+                    result=wrappers_pb2.StringValue(value='"done"')), timeout=DEADLINE_S)
+                turn = stream.next()
+                assert [e.taskCompleted.result.value for e in turn.orchestratorRequest.newEvents
+                        if e.HasField("taskCompleted")] == ['"done"']
+                complete(stub, turn, DONE)
             finally:
                 stream.close()
     finally:

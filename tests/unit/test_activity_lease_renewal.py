@@ -1,0 +1,63 @@
+"""Activity leases last as long as a worker stream holds them: each gateway heartbeat lists the activity tokens
+its streams hold, and the partition renews exactly those. One the gateway does not list (its work item never
+reached it, or its completion was lost on the way) expires and runs again."""
+
+from __future__ import annotations
+
+import asyncio
+
+from partitions.process import PartitionProcess, now_ms
+from partitions.state_machine.state import Lease
+from runtime.config import Config
+from runtime.gateway.partition_client import PartitionClient
+from runtime.gateway.work_items import WorkDispatcher, WorkerStream
+
+
+def test_a_heartbeat_renews_only_the_activity_leases_its_gateway_lists(process: PartitionProcess) -> None:
+    now = now_ms()
+    lease_ms = process.lease_ms
+    leases = {
+        "held": Lease(token="held", kind="a", key=1, gateway=b"g-1", expires_ms=now + 10),
+        "lost": Lease(token="lost", kind="a", key=2, gateway=b"g-1", expires_ms=now + 10),  # never reached g-1
+        "other": Lease(token="other", kind="a", key=3, gateway=b"g-2", expires_ms=now + 10),
+        "orch": Lease(token="orch", kind="o", key="i", gateway=b"g-1", expires_ms=now + 10),
+    }
+    for lease in leases.values():
+        process.state.add_lease(lease)
+
+    async def body() -> None:
+        process.channel = process.bind()
+        later = now + 5_000
+        process.classify(b"g-1", {"op": "hb", "act": ["held", "other", "orch", "unknown", 7]}, later, [])
+        assert leases["held"].expires_ms == later + lease_ms
+        assert leases["lost"].expires_ms == now + 10
+        assert leases["other"].expires_ms == now + 10  # g-2's, whatever g-1 says
+        assert leases["orch"].expires_ms == now + 10  # replays are not renewed
+
+        commands: list = []
+        process.housekeeping(now + lease_ms, commands)  # "lost" has run out; "held" has not
+        assert {"op": "abandon", "tok": "lost", "quiet": True} in commands
+        assert not any(c.get("tok") == "held" for c in commands)
+
+    asyncio.run(body())
+
+
+def test_the_gateway_lists_the_activity_tokens_its_streams_hold_by_partition(tmp_path) -> None:
+    config = Config(data_dir=str(tmp_path / "data"), partitions=2, heartbeat_interval_s=3600.0)
+
+    async def body() -> None:
+        client = PartitionClient(config, on_message=lambda p, m: None)
+        try:
+            dispatcher = WorkDispatcher(client)
+            stream = WorkerStream(limits={"o": 10, "a": 10, "e": 10})
+            dispatcher.add_stream(stream)
+            for partition, kind, token in [(0, "a", "0.1.1"), (1, "a", "1.1.1"), (1, "a", "1.1.2"), (0, "o", "0.1.2")]:
+                dispatcher.on_message(partition, {"op": "wi", "k": kind, "g": "*", "tok": token, "wi": b""})
+            assert dict(dispatcher.held_activities()) == {0: ["0.1.1"], 1: ["1.1.1", "1.1.2"]}
+            dispatcher.completed("1.1.1")
+            dispatcher.on_message(0, {"op": "expired", "tok": "0.1.1"})
+            assert dict(dispatcher.held_activities()) == {1: ["1.1.2"]}
+        finally:
+            client.close()
+
+    asyncio.run(body())
