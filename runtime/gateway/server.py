@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from runtime.config import Config
 from runtime.gateway import security
 from runtime.gateway.partition_client import PartitionClient
-from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler, oversize_receive_limit
+from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler
 from runtime.gateway.work_items import WorkDispatcher
 from runtime.processes import STOP_SIGNAL
 from runtime.router import channel
@@ -48,10 +48,13 @@ class GatewayServer:
         client.held_activities = dispatcher.held_activities
         servicer = Servicer(config, client, dispatcher)
         options = [
-            # Completions may exceed the request limit: they are read, then turned into a clear failure
-            # of the instance or task (the SDK only logs a failed completion). Other RPCs get
-            # RESOURCE_EXHAUSTED from the servicer.
-            ("grpc.max_receive_message_length", oversize_receive_limit(config)),
+            # The transport reads every request whole; the servicer enforces --max-request-bytes. A
+            # completion the transport refused would never reach us: the SDK only logs the failure, the
+            # stream would go on holding the item, and its instance would wait for ever. Read, an oversized
+            # completion becomes a clear failure of the instance or task; any other RPC above the limit
+            # gets RESOURCE_EXHAUSTED. (So any peer that can connect can make the gateway hold a message of
+            # up to 2 GiB per call: serve only networks whose clients are trusted.)
+            ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", max(config.max_request_bytes, 64 << 20)),
             ("grpc.so_reuseport", 1 if config.gateways > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),

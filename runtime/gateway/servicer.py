@@ -46,11 +46,6 @@ STATUS_BY_CODE = {
 }
 
 
-def oversize_receive_limit(config: Config) -> int:
-    """What the transport reads: room for oversized completions, which become failures, not hangs."""
-    return max(4 * config.max_request_bytes, 64 << 20)
-
-
 def rpc(request_type: type, oversized_ok: bool = False, settles: bool = False) -> Callable[..., Any]:
     """Parse the request; map engine errors to gRPC statuses (the one mapping, DESIGN §6).
 

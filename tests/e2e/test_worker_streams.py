@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -254,6 +255,41 @@ def test_an_activity_held_by_a_stream_outlives_its_lease_timeout(tmp_path: Path)
                 turn = stream.next()
                 assert [e.taskCompleted.result.value for e in turn.orchestratorRequest.newEvents
                         if e.HasField("taskCompleted")] == ['"done"']
+                complete(stub, turn, DONE)
+            finally:
+                stream.close()
+    finally:
+        rt.close()
+
+
+def test_an_activity_result_of_65_mib_fails_its_task_instead_of_hanging(tmp_path: Path):
+    """The transport reads a completion of any size, so it reaches the servicer, which turns a result above
+    --max-request-bytes into a task failure. (The transport once refused completions above 64 MiB itself:
+    the stream then held the item and the gateway's heartbeats renewed its lease for ever.)"""
+    rt = EngineRuntime(tmp_path / "data")
+    rt.start()
+    try:
+        with grpc.insecure_channel(rt.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            stream = RawStream(channel, pb.GetWorkItemsRequest(
+                maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10))
+            try:
+                iid = new_id("huge")
+                stub.StartInstance(pb.CreateInstanceRequest(instanceId=iid, name="huge"), timeout=DEADLINE_S)
+                complete(stub, stream.next(), pb.OrchestratorAction(
+                    id=1, scheduleTask=pb.ScheduleTaskAction(name="huge")))
+                activity = stream.next()
+                huge = '"' + "x" * ((65 << 20) - 2) + '"'
+                stub.CompleteActivityTask(pb.ActivityResponse(
+                    instanceId=iid, taskId=1, completionToken=activity.completionToken,
+                    result=wrappers_pb2.StringValue(value=huge)), timeout=DEADLINE_S)
+                del huge
+                turn = stream.next()
+                [failed] = [e.taskFailed for e in turn.orchestratorRequest.newEvents if e.HasField("taskFailed")]
+                assert failed.taskScheduledId == 1
+                assert failed.failureDetails.errorType == "ActivityResultTooLarge"
+                size = re.search(r"result was (\d+) bytes; the limit is 4194304", failed.failureDetails.errorMessage)
+                assert size is not None and int(size.group(1)) > 65 << 20, failed.failureDetails.errorMessage
                 complete(stub, turn, DONE)
             finally:
                 stream.close()
