@@ -12,12 +12,16 @@ def apply_child_done(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """Dropped when the parent is gone, finished, or is a later execution than the one that asked."""
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
-    if record is None or record["s"] in ev.TERMINAL or record["x"] != cmd["x"]:
+    if record is None or record["x"] != cmd["x"]:
+        return
+    not_started = cmd.get("ns")
+    if not_started and not_started in (record.get("ch") or ()):
+        # Its id belongs to another instance: a recursive terminate or purge must not reach that one (they
+        # check the child's parent too). Taken off even when this parent has finished meanwhile.
+        record["ch"].remove(not_started)
+        ctx.save(instance_id, record)
+    if record["s"] in ev.TERMINAL:
         return
     event = ev.child_result(ctx.now_ms, cmd["t"], cmd["s"], cmd.get("out"), cmd.get("fd"))
     ctx.enqueue_event(instance_id, record, event)
-    not_started = cmd.get("ns")
-    if not_started and not_started in (record.get("ch") or ()):
-        # Its id belongs to another running instance: a recursive terminate or purge must not reach that one.
-        record["ch"].remove(not_started)
     ctx.save(instance_id, record)

@@ -18,6 +18,13 @@ WAKES_SUSPENDED = 1  # a resume: dispatch even though the instance is (still) ma
 WAKES_SCHEDULED = 2  # a terminate: dispatch even before the scheduled start time
 
 
+def is_child_of(record: Record, parent_id: str) -> bool:
+    """Whether `parent_id` started this instance. A parent's child list may name an id whose start failed
+    because another instance had it: cascades (recursive terminate and purge) check this first."""
+    parent = record.get("p")
+    return bool(parent) and parent[0] == parent_id
+
+
 @dataclass
 class Ctx:
     txn: StoreTxn

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.context import Ctx, Record, is_child_of
 
 
 def remove_instance(ctx: Ctx, instance_id: str, record: Record) -> None:
@@ -27,7 +27,7 @@ def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
     reports is the real one; purging is idempotent, so a retried request does no harm.
     """
     instance_id = cmd["i"]
-    record = ctx.load(instance_id)
+    record = _of_parent(ctx.load(instance_id), cmd.get("pp"))
     deleted = 0
     if record is not None and record["s"] in ev.TERMINAL:
         remove_instance(ctx, instance_id, record)
@@ -37,5 +37,13 @@ def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 def apply_get_children(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """The status and sub-orchestration ids of an instance (None when it does not exist)."""
-    record = ctx.load(cmd["i"])
+    record = _of_parent(ctx.load(cmd["i"]), cmd.get("pp"))
     ctx.reply(cmd, None if record is None else {"s": record["s"], "ch": list(record.get("ch") or ())})
+
+
+def _of_parent(record: Record | None, parent_id: str | None) -> Record | None:
+    """In a recursive purge (`parent_id` given), an instance that parent did not start counts as absent: its
+    id was in the parent's child list only because the child's start failed, since another instance had it."""
+    if record is None or parent_id is None or is_child_of(record, parent_id):
+        return record
+    return None

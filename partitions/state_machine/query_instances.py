@@ -95,7 +95,7 @@ def apply_purge_filter(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if deleted >= MAX_PURGE_BATCH:
             more = True
             break
-        children.extend(record.get("ch") or ())
+        children.extend([child, instance_id] for child in record.get("ch") or ())
         remove_instance(ctx, instance_id, record)
         deleted += 1
     ctx.reply(cmd, {"deleted": deleted, "more": more, "children": children})

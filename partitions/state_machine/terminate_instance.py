@@ -6,7 +6,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.complete_orchestration import finish_execution, terminate_children
-from partitions.state_machine.context import WAKES_SCHEDULED, Ctx
+from partitions.state_machine.context import WAKES_SCHEDULED, Ctx, is_child_of
 from runtime.errors import InstanceNotFoundError
 
 
@@ -18,6 +18,9 @@ def apply_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if cmd.get("quiet"):
             return
         raise InstanceNotFoundError(f"no orchestration instance with id '{instance_id}'")
+    via = cmd.get("via")
+    if via and not is_child_of(record, via[-1]):
+        return  # a cascade reached an id its parent listed but never started: another instance has it
     if record["s"] not in ev.TERMINAL:
         recurse = bool(cmd.get("r"))
         event = ev.execution_terminated(ctx.now_ms, cmd.get("out"), recurse)

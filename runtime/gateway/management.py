@@ -124,17 +124,26 @@ class Management:
         counts = await asyncio.gather(*(self.purge_instance(i, request.recursive, timeout) for i in ids))
         return pb.PurgeInstancesResponse(deletedInstanceCount=sum(counts), isComplete=wrappers_pb2.BoolValue(value=True))
 
-    async def purge_instance(self, instance_id: str, recursive: bool, timeout: float, depth: int = 0) -> int:
-        """Children first, then the instance itself, so an interrupted purge can simply be retried."""
+    async def purge_instance(
+        self, instance_id: str, recursive: bool, timeout: float, depth: int = 0, parent: str | None = None
+    ) -> int:
+        """Children first, then the instance itself, so an interrupted purge can simply be retried.
+
+        A child is purged only if `parent` started it (the partition checks): a child list can name an id
+        whose start failed because another instance had it.
+        """
         partition = self.client.partition_of(instance_id)
+        of_parent = {} if parent is None else {"pp": parent}
         deleted = 0
         if recursive and depth < _MAX_PURGE_DEPTH:
-            info = await self.client.request(partition, {"op": "get_children", "i": instance_id}, timeout)
+            info = await self.client.request(partition, {"op": "get_children", "i": instance_id, **of_parent}, timeout)
             if info is None or info["s"] not in TERMINAL_STATUSES:
                 return 0
-            counts = await asyncio.gather(*(self.purge_instance(c, True, timeout, depth + 1) for c in info["ch"]))
+            counts = await asyncio.gather(
+                *(self.purge_instance(c, True, timeout, depth + 1, instance_id) for c in info["ch"])
+            )
             deleted += sum(counts)
-        result = await self.client.request(partition, {"op": "purge", "i": instance_id}, timeout)
+        result = await self.client.request(partition, {"op": "purge", "i": instance_id, **of_parent}, timeout)
         return deleted + result["deleted"]
 
     async def _purge_by_filter(self, flt: pb.PurgeInstanceFilter, recursive: bool, timeout: float) -> pb.PurgeInstancesResponse:
@@ -157,8 +166,8 @@ class Management:
                 result = await self.client.request(partition, dict(command), timeout)
                 deleted += result["deleted"]
                 if recursive:
-                    for child in result["children"]:
-                        deleted += await self.purge_instance(child, True, timeout)
+                    for child, parent in result["children"]:
+                        deleted += await self.purge_instance(child, True, timeout, parent=parent)
                 if not result["more"]:
                     return deleted, True
 

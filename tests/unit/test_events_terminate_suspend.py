@@ -313,3 +313,23 @@ def test_continue_as_new_starts_with_no_children_but_a_recursive_terminate_in_fl
     deliver(p0, p1)
     assert _terminations(p1, late) == 1
     assert _terminations(p1, old) == 0  # a child of an earlier generation is its own
+
+
+def test_a_recursive_terminate_does_not_reach_an_instance_whose_id_a_child_could_not_take(pair):
+    """The child's id is taken by an unrelated running instance on the other partition, and the terminate comes
+    before the failed start is reported back: the cascade reaches that instance, which its parent did not
+    start, and leaves it alone. The failed start then takes the id off the finished parent's child list."""
+    p0, p1 = pair
+    parent, stranger = id_on(0, 2, "parent"), id_on(1, 2, "stranger")
+    _running(p1, stranger)
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", stranger)])
+    p0.request({"op": "terminate", "i": parent, "r": True})
+    deliver(p0, p1)  # the child's start (refused: the id is taken), then the cascade
+
+    assert _terminations(p1, stranger) == 0
+    assert p1.status(stranger) == RUNNING
+    token, _ = p0.dispatch_one(parent)
+    p0.complete_orch(parent, token, [complete(1, TERMINATED)])
+    deliver(p1, p0)  # "did not start" reaches the parent after it has ended
+    assert stranger not in p0.record(parent).get("ch", [])

@@ -114,3 +114,21 @@ def test_non_recursive_purge_leaves_children(core):
 
     assert core.record("parent") is None
     assert core.record("parent:0001") is not None
+
+
+def test_a_recursive_purge_only_reaches_children_their_parent_started(pair):
+    """A child list can name an id whose start failed because another instance had it: asked on behalf of a
+    parent (`pp`), the partition treats an instance that parent did not start as absent."""
+    p0, _ = pair
+    parent, child, stranger = id_on(0, 2, "parent"), id_on(0, 2, "child"), id_on(0, 2, "stranger")
+    p0.start(stranger)
+    p0.run_first(stranger, [complete(0, COMPLETED)])
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", child)])
+    p0.complete_orch(child, p0.dispatch_tokens()[child], [complete(0, COMPLETED)])
+
+    assert _result(p0.request({"op": "get_children", "i": stranger, "pp": parent})) is None
+    assert _result(p0.request({"op": "purge", "i": stranger, "pp": parent})) == {"deleted": 0}
+    assert p0.record(stranger) is not None
+    assert _result(p0.request({"op": "get_children", "i": child, "pp": parent})) == {"s": COMPLETED, "ch": []}
+    assert _result(p0.request({"op": "purge", "i": child, "pp": parent})) == {"deleted": 1}

@@ -450,7 +450,7 @@ def test_purge_filter_returns_the_children_of_deleted_parents(core):
     # the children were created at T0+100, outside the range; the gateway purges them itself
     result = purge_filter(core, cf=T0, ct=T0 + 1)
     assert result["deleted"] == 1 and result["more"] is False
-    assert sorted(result["children"]) == ["kid-1", "kid-2"]
+    assert sorted(result["children"]) == [["kid-1", "parent"], ["kid-2", "parent"]]  # each with its parent
     assert core.record("parent") is None
     assert core.record("kid-1") is not None and core.record("kid-2") is not None
 
