@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.context import WAKES_SCHEDULED, WAKES_SUSPENDED, Ctx, Record
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
@@ -75,12 +75,16 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         failure = ("HistoryLimitExceeded", f"the history would exceed {ctx.state.max_history_events} events")
     _append_history(ctx, instance_id, record, events)
 
+    # A terminate delivered with this work item ends the instance even if the orchestrator continued as new
+    # on an earlier event of the batch (the SDK ignores a terminate once it has completed): it was accepted.
+    continued = out.complete is not None and out.complete.orchestrationStatus == ev.CONTINUED_AS_NEW
     if failure is not None:
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
-    elif out.complete is not None:
+    elif out.complete is not None and not (terminate_requested and continued):
         _complete(ctx, out)
     elif terminate_requested:
-        finish_execution(ctx, instance_id, record, ev.TERMINATED, None, None)
+        reason = terminations[0].input.value if terminations[0].HasField("input") else None
+        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None)
     else:
         _requeue_if_pending(ctx, instance_id, record)
     if record["s"] == ev.TERMINATED and any(t.recurse for t in terminations):
@@ -191,13 +195,46 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     if complete.HasField("newVersion"):
         record["v"] = complete.newVersion.value
     ctx.unqueue(record)
-    if record["s"] != ev.SUSPENDED:  # a suspend that arrived in flight carries over with its event
+    if record["s"] != ev.SUSPENDED:
         ctx.set_status(instance_id, record, ev.RUNNING)
+    carried = [event.SerializeToString() for event in complete.carryoverEvents] + [raw for _, raw in leftovers]
+    carried = _in_step_with_suspension(ctx, record, carried)
+    # What may wake the new execution through a hold is what it carries, not what woke the old one.
+    record["wk"] = max([_wake_of(pb.HistoryEvent.FromString(raw)) for raw in carried], default=0)
     ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
-    for event in complete.carryoverEvents:
-        ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event.SerializeToString())
-    for _, event in leftovers:
+    for event in carried:
         ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event)
+
+
+def _wake_of(event: pb.HistoryEvent) -> int:
+    if event.HasField("executionTerminated"):
+        return WAKES_SCHEDULED
+    if event.HasField("executionResumed"):
+        return WAKES_SUSPENDED
+    return 0
+
+
+def _in_step_with_suspension(ctx: Ctx, record: Record, carried: list[bytes]) -> list[bytes]:
+    """The events a new execution starts with, so that the SDK sees it suspended exactly when its status says so.
+
+    A suspend delivered with the work item that continued as new went to the old execution: the new one gets
+    a suspend of its own, or a resume would fail it ("don't know how to handle executionResumed"). For the same
+    reason a resume whose suspend went to the old execution is dropped: the new execution was never suspended.
+    """
+    suspended = False
+    kept = []
+    for raw in carried:
+        event = pb.HistoryEvent.FromString(raw)
+        if event.HasField("executionResumed"):
+            if not suspended:
+                continue
+            suspended = False
+        elif event.HasField("executionSuspended"):
+            suspended = True
+        kept.append(raw)
+    if record["s"] == ev.SUSPENDED and not suspended:
+        kept.insert(0, ev.execution_suspended(ctx.now_ms, None))
+    return kept
 
 
 def _requeue_if_pending(ctx: Ctx, instance_id: str, record: Record) -> None:

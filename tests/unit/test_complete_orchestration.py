@@ -15,6 +15,7 @@ from tests.unit.conftest import (
     RUNNING,
     SUSPENDED,
     T0,
+    TERMINATED,
     Core,
     complete,
     create_sub,
@@ -411,3 +412,58 @@ def test_continue_as_new_keeps_a_suspend_that_arrived_in_flight(core):
     core.request({"op": "resume", "i": "a"})
     _, request = core.dispatch_one("a")
     assert "executionResumed" in kinds(request.newEvents)
+
+
+def test_a_terminate_delivered_with_a_continue_as_new_ends_the_instance(core):
+    """The SDK ignores a terminate once the orchestrator has completed, here by continuing as new on an earlier
+    event of the same work item; the terminate was accepted, so the instance still ends TERMINATED."""
+    core.start("a")
+    core.run_first("a")
+    core.request({"op": "raise", "i": "a", "n": "tick"})
+    core.request({"op": "terminate", "i": "a", "out": '"stop"'})
+    token, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[1:] == ["eventRaised", "executionTerminated"]
+    core.complete_orch("a", token, [complete(0, CONTINUED_AS_NEW, '"next"')])
+
+    record = core.record("a")
+    assert record["s"] == TERMINATED and record["out"] == '"stop"'
+    assert core.inbox("a") == []
+    assert core.dispatch_orch() == []
+    assert core.history("a")[-1].executionCompleted.orchestrationStatus == TERMINATED
+
+
+def test_a_suspend_delivered_with_a_continue_as_new_suspends_the_new_execution(core):
+    core.start("a")
+    core.run_first("a")
+    core.request({"op": "raise", "i": "a", "n": "go"})
+    token, _ = core.dispatch_one("a")  # in flight: [eventRaised]
+    core.request({"op": "raise", "i": "a", "n": "more"})
+    core.apply({"op": "abandon", "tok": token, "quiet": True})
+    core.request({"op": "suspend", "i": "a"})
+    core.request({"op": "resume", "i": "a"})
+    core.request({"op": "suspend", "i": "a"})
+    token, request = core.dispatch_one("a")  # delivered together: the SDK continues as new on "go"
+    assert kinds(request.newEvents)[1:] == [
+        "eventRaised", "eventRaised", "executionSuspended", "executionResumed", "executionSuspended"]
+    core.complete_orch("a", token, [complete(0, CONTINUED_AS_NEW, '"next"')])
+
+    assert core.status("a") == SUSPENDED
+    assert kinds(core.inbox("a")) == ["executionStarted", "executionSuspended"]  # the new execution's own
+    assert core.dispatch_orch() == []
+    core.request({"op": "resume", "i": "a"})
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[1:] == ["executionStarted", "executionSuspended", "executionResumed"]
+
+
+def test_a_resume_whose_suspend_went_to_the_old_execution_is_not_carried_over(core):
+    core.start("a")
+    core.run_first("a")
+    core.request({"op": "raise", "i": "a", "n": "go"})
+    core.request({"op": "suspend", "i": "a"})
+    token, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[1:] == ["eventRaised", "executionSuspended"]
+    core.request({"op": "resume", "i": "a"})  # arrives while that work item is in flight
+    core.complete_orch("a", token, [complete(0, CONTINUED_AS_NEW, '"next"')])
+
+    assert core.status("a") == RUNNING
+    assert kinds(core.inbox("a")) == ["executionStarted"]  # no stray executionResumed for the SDK to fail on
