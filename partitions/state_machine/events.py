@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from protos import orchestrator_service_pb2 as pb
+from runtime.wire import MAX_MS
 from runtime.wire import timestamp_ms as timestamp_ms  # re-exported for the core's modules
 
 RUNNING = pb.ORCHESTRATION_STATUS_RUNNING
@@ -85,9 +86,18 @@ def execution_resumed(now_ms: int, reason: str | None) -> bytes:
     return history_event(now_ms, executionResumed=event).SerializeToString()
 
 
-def timer_fired(now_ms: int, timer_id: int, fire_at_ms: int) -> bytes:
-    fired = pb.TimerFiredEvent(timerId=timer_id, fireAt=timestamp(fire_at_ms))
+def timer_fired(now_ms: int, timer_id: int, fire_at_ms: int, fire_at: list[int] | None = None) -> bytes:
+    """`fire_at` is the timer's own fireAt as [seconds, nanos], echoed exactly: the SDK compares it with the
+    time it asked for (a long timer in chunks goes on until they match). Rows from before it was kept: ms."""
+    when = timestamp_pb2.Timestamp(seconds=fire_at[0], nanos=fire_at[1]) if fire_at else timestamp(fire_at_ms)
+    fired = pb.TimerFiredEvent(timerId=timer_id, fireAt=when)
     return history_event(now_ms, timerFired=fired).SerializeToString()
+
+
+def timer_row(execution_id: str, fire_at: timestamp_pb2.Timestamp) -> tuple[int, dict]:
+    """A durable timer's key time and row: due at the first whole millisecond not before `fire_at`, never early."""
+    fire_ms = min(max(fire_at.seconds * 1000 + -(-fire_at.nanos // 1_000_000), 0), MAX_MS)
+    return fire_ms, {"x": execution_id, "fa": [fire_at.seconds, fire_at.nanos]}
 
 
 def task_result(now_ms: int, task_id: int, result: str | None, failure: bytes | None) -> bytes:

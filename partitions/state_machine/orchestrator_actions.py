@@ -80,7 +80,8 @@ def _taken_here(ctx: Ctx, instance_id: str, child_id: str) -> bool:
 def _apply_create_timer(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:
     fire_at = action.createTimer.fireAt
     out.confirm(ctx, action.id, timerCreated=pb.TimerCreatedEvent(fireAt=fire_at))
-    ctx.schedule_timer(ev.timestamp_ms(fire_at), out.instance_id, action.id, {"x": out.record["x"]})
+    fire_ms, row = ev.timer_row(out.record["x"], fire_at)
+    ctx.schedule_timer(fire_ms, out.instance_id, action.id, row)
 
 
 def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:

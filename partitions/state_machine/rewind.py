@@ -65,7 +65,7 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
     reason = None
     created: dict[int, pb.SubOrchestrationInstanceCreatedEvent] = {}
     finished: set[int] = set()
-    timers: dict[int, int] = {}  # timerCreated id -> fire time (ms), while no timerFired answers it
+    timers: dict[int, Any] = {}  # timerCreated id -> fireAt, while no timerFired answers it
     for event in history:
         which = event.WhichOneof("eventType")
         if which == "executionStarted":
@@ -77,7 +77,7 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
         elif which == "subOrchestrationInstanceCompleted":
             finished.add(event.subOrchestrationInstanceCompleted.taskScheduledId)
         elif which == "timerCreated":
-            timers[event.eventId] = ev.timestamp_ms(event.timerCreated.fireAt)
+            timers[event.eventId] = event.timerCreated.fireAt
         elif which == "timerFired":
             timers.pop(event.timerFired.timerId, None)
     record["rw"] = 0
@@ -85,10 +85,11 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
     ctx.set_status(instance_id, record, ev.RUNNING)
     ctx.unqueue(record)  # the ready row of the rewind work item itself
     ctx.mark_ready(instance_id, record)
-    for timer_id, fire_ms in timers.items():
+    for timer_id, fire_at in timers.items():
         # Its row may have come due, and gone, while the instance was FAILED; the replay waits for it. (A row
         # still there has the same key: writing it again changes nothing.)
-        ctx.schedule_timer(fire_ms, instance_id, timer_id, {"x": record["x"]})
+        fire_ms, row = ev.timer_row(record["x"], fire_at)
+        ctx.schedule_timer(fire_ms, instance_id, timer_id, row)
     for task_id, child in created.items():
         if task_id in finished:
             continue

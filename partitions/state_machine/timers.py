@@ -44,5 +44,5 @@ def _fire(ctx: Ctx, kind: int, instance_id: str, timer_id: int, fire_ms: int, ro
         record["hu"] = 0
         ctx.mark_ready(instance_id, record)
     else:
-        ctx.enqueue_event(instance_id, record, ev.timer_fired(ctx.now_ms, timer_id, fire_ms))
+        ctx.enqueue_event(instance_id, record, ev.timer_fired(ctx.now_ms, timer_id, fire_ms, row.get("fa")))
     ctx.save(instance_id, record)

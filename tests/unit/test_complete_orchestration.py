@@ -29,6 +29,7 @@ from tests.unit.conftest import (
     schedule_task,
     send_event,
     sv,
+    ts,
 )
 
 
@@ -76,7 +77,25 @@ def test_create_timer_confirms_with_timer_created_and_stores_a_timer_row(core):
     assert created.WhichOneof("eventType") == "timerCreated"
     assert created.eventId == 3
     assert ms_of(created.timerCreated.fireAt) == fire
-    assert core.timers() == [(fire, "a", 3, {"x": "x1"})]
+    assert core.timers() == [(fire, "a", 3, {"x": "x1", "fa": [fire // 1000, (fire % 1000) * 1_000_000]})]
+
+
+def test_a_timer_fires_with_its_exact_fire_at_never_early(core):
+    """The SDK compares timerFired.fireAt with the time it asked for, to the nanosecond: a long timer it splits
+    into chunks goes on until they match. Due at the first whole millisecond not before fireAt."""
+    fire_at = ts(T0 + 60_000)
+    fire_at.nanos += 500_123  # 60.000500123 s after T0
+    core.start("a")
+    core.run_first("a", [pb.OrchestratorAction(id=1, createTimer=pb.CreateTimerAction(fireAt=fire_at))])
+    assert [t[0] for t in core.timers()] == [T0 + 60_001]
+
+    core.apply({"op": "fire_timers"}, now=T0 + 60_000)
+    assert core.dispatch_orch() == []  # not yet: that would be early
+    core.apply({"op": "fire_timers"}, now=T0 + 60_001)
+    _, request = core.dispatch_one("a")
+    [fired] = [e.timerFired for e in request.newEvents if e.HasField("timerFired")]
+    assert fired.timerId == 1
+    assert (fired.fireAt.seconds, fired.fireAt.nanos) == (fire_at.seconds, fire_at.nanos)
 
 
 def test_create_sub_orchestration_on_the_same_partition_creates_the_child_in_the_same_txn(core):
