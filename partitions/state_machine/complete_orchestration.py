@@ -66,8 +66,8 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     record.pop("sp", None)  # ...and ran it: no longer "suspended before it started"
     if record["s"] == ev.PENDING:
         ctx.set_status(instance_id, record, ev.RUNNING)
-    if response.HasField("customStatus"):
-        record["cs"] = response.customStatus.value
+    # Every response carries the orchestrator's current custom status; none means it was cleared.
+    record["cs"] = response.customStatus.value if response.HasField("customStatus") else None
 
     failure = _apply_actions(ctx, out, response)
     events = delivered + out.history

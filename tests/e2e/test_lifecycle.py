@@ -29,6 +29,13 @@ def custom_status_steps(ctx: task.OrchestrationContext, _):
     return value
 
 
+def custom_status_cleared(ctx: task.OrchestrationContext, _):
+    ctx.set_custom_status("busy")
+    yield ctx.wait_for_external_event("proceed")
+    ctx.set_custom_status(None)
+    return "done"
+
+
 def wait_forever(ctx: task.OrchestrationContext, _):
     yield ctx.wait_for_external_event("never")
     return "not reached"
@@ -85,7 +92,7 @@ def orchestrator_without_yield(ctx: task.OrchestrationContext, value):
     return {"plain": value}
 
 
-ORCHESTRATORS = [orchestrator_raises, orchestrator_without_yield, custom_status_steps, wait_forever, parent_of_waiting_child, two_step_events, counter_loop,
+ORCHESTRATORS = [orchestrator_raises, orchestrator_without_yield, custom_status_steps, custom_status_cleared, wait_forever, parent_of_waiting_child, two_step_events, counter_loop,
                  collect_events_loop, uuid_orchestrator]
 ACTIVITIES = [identity]
 
@@ -143,6 +150,14 @@ def test_custom_status_visible_while_running_and_after_completion(client):
     state = finish(client, iid)
     assert state.get_output() == "ok"
     assert state.get_custom_status() == "done"
+
+
+def test_custom_status_cleared_by_the_orchestrator_reads_as_none(client):
+    iid = client.schedule_new_orchestration(custom_status_cleared, instance_id=new_id())
+    wait_until(state_matches(client, iid, OrchestrationStatus.RUNNING, "busy"), message="custom status set")
+    client.raise_orchestration_event(iid, "proceed")
+    state = finish(client, iid)
+    assert state.serialized_custom_status is None
 
 
 # ---------------------------------------------------------------------------------------------------------

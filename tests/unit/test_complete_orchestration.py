@@ -80,6 +80,19 @@ def test_create_timer_confirms_with_timer_created_and_stores_a_timer_row(core):
     assert core.timers() == [(fire, "a", 3, {"x": "x1", "fa": [fire // 1000, (fire % 1000) * 1_000_000]})]
 
 
+def test_a_response_without_custom_status_clears_it(core):
+    """The SDK sends the orchestrator's current custom status with every response; after
+    set_custom_status(None) it sends none, and the status must read as cleared."""
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+    core.complete_orch("a", token, [], custom_status='"busy"')
+    assert core.record("a")["cs"] == '"busy"'
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    token, _ = core.dispatch_one("a")
+    core.complete_orch("a", token, [])
+    assert core.record("a")["cs"] is None
+
+
 def test_a_timer_fires_with_its_exact_fire_at_never_early(core):
     """The SDK compares timerFired.fireAt with the time it asked for, to the nanosecond: a long timer it splits
     into chunks goes on until they match. Due at the first whole millisecond not before fireAt."""
