@@ -29,6 +29,16 @@ def apply_start_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
                 f"an orchestration instance with id '{instance_id}' already exists"
                 f" (status {ev.pb.OrchestrationStatus.Name(existing['s'])})"
             )
+        parent = existing.get("p")
+        if parent and existing["s"] not in ev.TERMINAL:
+            # A running sub-orchestration replaced by the client: its parent would otherwise wait for ever.
+            failure = ev.failure_details(
+                "OrchestrationReplaced",
+                f"sub-orchestration '{instance_id}' was replaced by a new instance started with the same id",
+            )
+            ctx.send_to_instance(
+                parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.TERMINATED, "fd": failure}
+            )
         remove_instance(ctx, instance_id, existing)
     create_instance(ctx, instance_id, cmd, parent=None)
     ctx.reply(cmd, {"i": instance_id})

@@ -16,6 +16,9 @@ from tests.unit.conftest import (
     T0,
     Core,
     complete,
+    create_sub,
+    deliver,
+    id_on,
     kinds,
     ms_of,
     of_type,
@@ -161,3 +164,22 @@ def test_trace_context_is_passed_to_execution_started(core):
     core.start("a", tc=tc.SerializeToString())
     [started] = core.inbox("a")
     assert started.executionStarted.parentTraceContext.traceParent == tc.traceParent
+
+
+def test_replacing_a_running_sub_orchestration_tells_its_parent(pair):
+    """A client replaces a running child (a reuse policy listing RUNNING): the parent, on the other partition,
+    gets the child's failure instead of waiting for ever for an execution that is gone."""
+    p0, p1 = pair
+    parent, child = id_on(0, 2, "parent"), id_on(1, 2, "child")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", child)])
+    deliver(p0, p1)
+    p1.run_first(child)
+    p1.start(child, reuse=[RUNNING, PENDING])
+    deliver(p1, p0)
+
+    [failed] = [e.subOrchestrationInstanceFailed for e in p0.inbox(parent)
+                if e.HasField("subOrchestrationInstanceFailed")]
+    assert failed.taskScheduledId == 1
+    assert failed.failureDetails.errorType == "OrchestrationReplaced"
+    assert p1.record(child)["p"] is None  # the new instance is the client's, not the parent's child
