@@ -73,17 +73,25 @@ def dispatch_orchestrations(
         if not inbox and not record.get("kick"):
             walk.passed(seq)
             continue
-        token = _new_token(state)
         started = ev.orchestrator_started(now_ms)
-        request = b"".join(
+        head = b"".join(
             (
                 length_delimited(1, instance_id.encode("utf-8")),
                 length_delimited(2, length_delimited(1, record["x"].encode("utf-8"))),
                 b"".join(length_delimited(3, event) for event in txn.history(instance_id)),
                 length_delimited(4, started),
-                b"".join(length_delimited(4, event) for _, event in inbox),
             )
         )
+        new_events, size = _new_events_that_fit(inbox, len(head) + _WORK_ITEM_FRAMING, state.max_work_item_bytes)
+        if size > state.max_work_item_bytes:
+            # No worker with the default receive limit could take it, and its stream would break for every item
+            # on it, again and again: the instance fails instead (in the next batch), saying why.
+            state.too_large[instance_id] = (record["x"], size)
+            walk.left()
+            continue
+        inbox = inbox[: len(new_events)]
+        token = _new_token(state)
+        request = head + b"".join(new_events)
         state.add_lease(
             Lease(
                 token=token,
@@ -99,6 +107,22 @@ def dispatch_orchestrations(
         walk.passed(seq)
         items.append((token, length_delimited(1, request) + length_delimited(10, token.encode())))
     return items
+
+
+_WORK_ITEM_FRAMING = 32  # WorkItem's own field headers and the completion token, generously
+
+
+def _new_events_that_fit(inbox: list[tuple[bytes, bytes]], used: int, limit: int) -> tuple[list[bytes], int]:
+    """The inbox events (as newEvents fields) that fit in `limit` after `used` bytes, oldest first; at least the
+    first one, so the size returned may exceed the limit. The rest wait for the next work item."""
+    fields: list[bytes] = []
+    for _, event in inbox:
+        field = length_delimited(4, event)
+        if fields and used + len(field) > limit:
+            break
+        fields.append(field)
+        used += len(field)
+    return fields, used
 
 
 def dispatch_activities(

@@ -89,6 +89,7 @@ def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
         partition_count=config.partitions,
         epoch=epoch,
         max_history_events=config.max_history_events,
+        max_work_item_bytes=config.max_request_bytes,
     )
     state.load_counters(txn)
     raw_generation = txn.get_meta(keys.META_HUB_GENERATION)
@@ -229,6 +230,11 @@ class PartitionProcess:
                 self.work_changed = False
                 self.dispatch_work(txn, now)
                 self.report_demand(txn)
+            if self.state.too_large:
+                too_large, self.state.too_large = self.state.too_large, {}
+                for instance_id, (execution_id, size) in too_large.items():
+                    self.pending.append((None, {"op": "fail_too_large", "i": instance_id, "x": execution_id, "b": size}))
+                self.channel.wake()
             if self.timers_fired:
                 self.timers_fired = False
                 self.next_timer_ms = txn.next_timer_ms()

@@ -36,7 +36,10 @@ class Config:
     heartbeat_interval_s: float = _opt(1.0, "how often gateways and partitions exchange heartbeats")
     health_ping_interval_s: float = _opt(30.0, "idle worker streams get a healthPing work item this often")
     request_timeout_s: float = _opt(30.0, "gateway-side limit for a client RPC that carries no deadline")
-    max_request_bytes: int = _opt(4 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_request_bytes: int = _opt(
+        4 * 1024 * 1024,
+        "largest gRPC message accepted, and largest work item sent (SDK workers receive 4 MiB unless set otherwise)",
+    )
     max_instance_id_length: int = _opt(256, "longest instance id accepted, in characters")
     max_history_events: int = _opt(100_000, "an orchestration whose history would grow past this fails")
     map_size_bytes: int = _opt(1 << 30, "initial LMDB map size per partition; it grows when full")

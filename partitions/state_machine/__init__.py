@@ -12,7 +12,7 @@ from typing import Any
 from partitions.state_machine import actions as act
 from partitions.state_machine.child_done import apply_child_done
 from partitions.state_machine.complete_activity import apply_complete_activity
-from partitions.state_machine.complete_orchestration import apply_complete_orchestration
+from partitions.state_machine.complete_orchestration import apply_complete_orchestration, apply_fail_too_large
 from partitions.state_machine.context import Ctx
 from partitions.state_machine.entities import (
     apply_complete_entity,
@@ -57,6 +57,7 @@ COMMANDS: dict[str, Handler] = {
     "complete_act": apply_complete_activity,
     "complete_ent": apply_complete_entity,
     "complete_orch": apply_complete_orchestration,
+    "fail_too_large": apply_fail_too_large,  # posted by the partition itself (dispatch.py)
     "fire_timers": apply_fire_timers,
     "force_terminate": apply_force_terminate,
     "get": apply_get_instance,

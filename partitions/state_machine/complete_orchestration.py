@@ -108,6 +108,24 @@ def _fail_unapplied(ctx: Ctx, lease: Lease, cmd: dict[str, Any]) -> None:
     ctx.reply(cmd)
 
 
+def apply_fail_too_large(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """The instance's next work item would exceed what a worker receives (dispatch.py found it): it fails."""
+    instance_id = cmd["i"]
+    record = ctx.load(instance_id)
+    if (record is None or record["x"] != cmd["x"] or record["s"] in ev.TERMINAL
+            or instance_id in ctx.state.orch_leases):
+        return
+    limit = ctx.state.max_work_item_bytes
+    failure = ev.failure_details(
+        "WorkItemTooLarge",
+        f"the orchestrator's next work item would be {cmd['b']} bytes ({record['hl']} history events), above the"
+        f" {limit} bytes a worker receives (--max-request-bytes); keep large payloads out of the history",
+    )
+    record.pop("kick", None)
+    finish_execution(ctx, instance_id, record, ev.FAILED, None, failure)
+    ctx.save(instance_id, record)
+
+
 def _apply_actions(ctx: Ctx, out: Outcome, response: pb.OrchestratorResponse) -> tuple[str, str] | None:
     """Apply every action, or none of them when one is unknown (the instance then fails)."""
     kinds = [action.WhichOneof("orchestratorActionType") for action in response.actions]

@@ -43,6 +43,10 @@ class CoreState:
     partition_count: int
     epoch: int
     max_history_events: int = 100_000
+    max_work_item_bytes: int = 4 << 20  # what an SDK worker receives by default (gRPC's 4 MiB)
+    # Ready instances whose next work item cannot be sent, however few new events it carried: instance id ->
+    # (execution id, bytes). The process fails them in its next batch (complete_orchestration.py).
+    too_large: dict[str, tuple[str, int]] = field(default_factory=dict)
     seq: int = 0  # last used value of the partition-wide sequence (ready rows, inbox rows, activities)
     outbox_seq: dict[int, int] = field(default_factory=dict)
     orch_leases: dict[str, Lease] = field(default_factory=dict)

@@ -469,3 +469,43 @@ def test_oversized_completion_fails_the_instance_instead_of_hanging(runtime):
     finally:
         w.stop()
         client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a work item the worker could not receive: its history outgrew --max-request-bytes
+# ---------------------------------------------------------------------------------------------------------
+THIRD = 3 << 20  # two of these in the history make a work item above the SDK's 4 MiB receive limit
+
+
+def ovl_third_result(ctx: task.ActivityContext, _) -> str:
+    return "x" * THIRD
+
+
+def ovl_history_outgrows(ctx: task.OrchestrationContext, _):
+    first = yield ctx.call_activity(ovl_third_result)
+    second = yield ctx.call_activity(ovl_third_result)
+    return len(first) + len(second)
+
+
+@pytest.mark.engine_only
+def test_an_instance_whose_work_item_outgrows_the_limit_fails_and_the_worker_goes_on(runtime):
+    """Each completion is below the limit, but the history they add up to is not: a work item carrying it would
+    break the worker's stream (the SDK receives 4 MiB), with every other item on it, again and again. The
+    instance fails instead, saying why, and the worker's other work goes on."""
+    w = dt_worker.TaskHubGrpcWorker(host_address=runtime.address)
+    w.add_orchestrator(ovl_history_outgrows)
+    w.add_orchestrator(ovl_echo)
+    w.add_activity(ovl_third_result)
+    client = TaskHubGrpcClient(host_address=runtime.address)
+    w.start()
+    try:
+        big = client.schedule_new_orchestration(ovl_history_outgrows, instance_id=new_id("ovl-outgrows"))
+        state = client.wait_for_orchestration_completion(big, timeout=DEADLINE_S)
+        assert state.runtime_status == OrchestrationStatus.FAILED
+        assert state.failure_details.error_type == "WorkItemTooLarge", state.failure_details
+        small = client.schedule_new_orchestration(ovl_echo, input={"tag": "t", "pad": "p"},
+                                                  instance_id=new_id("ovl-small"))
+        assert client.wait_for_orchestration_completion(small, timeout=DEADLINE_S).get_output() == ["t", 1]
+    finally:
+        w.stop()
+        client.close()

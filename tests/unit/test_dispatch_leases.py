@@ -9,10 +9,13 @@ from partitions.state_machine import actions as act
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
 from tests.unit.conftest import (
+    CONTINUED_AS_NEW,
+    FAILED,
     GATEWAY,
     LEASE_MS,
     RUNNING,
     T0,
+    complete,
     kinds,
     ms_of,
     of_type,
@@ -309,3 +312,40 @@ def test_explicit_entity_abandon_holds_the_entity_with_a_backoff(core):
     core.request({"op": "abandon", "tok": token4})  # a completed batch started the backoff over
     core.apply({"op": "fire_timers"}, now=core.now + 1000)
     assert len(core.dispatch_ent(now=core.now + 1000)) == 1
+
+
+def test_new_events_that_would_not_fit_wait_for_the_next_work_item(core):
+    """An eternal orchestration that continues as new now and then gets a burst of events in pieces it can
+    take, instead of one work item no worker could receive."""
+    core.start("a")
+    core.run_first("a")
+    core.state.max_work_item_bytes = 3_000
+    for n in range(4):
+        core.request({"op": "raise", "i": "a", "n": f"e{n}", "in": '"' + "x" * 900 + '"'})
+    token, request = core.dispatch_one("a")
+    assert len(request.SerializeToString()) <= 3_000
+    first = [e.eventRaised.name for e in request.newEvents if e.HasField("eventRaised")]
+    assert first == ["e0", "e1"]
+    core.complete_orch("a", token, [complete(0, CONTINUED_AS_NEW, '"next"')])  # the history starts over
+    _, request = core.dispatch_one("a")
+    rest = [e.eventRaised.name for e in request.newEvents if e.HasField("eventRaised")]
+    assert rest == ["e2", "e3"]
+
+
+def test_an_instance_whose_next_work_item_cannot_fit_fails_saying_why(core):
+    """No worker with the default receive limit could take the item, and a stream that gets it breaks for every
+    item on it: the partition fails the instance (in its next batch) instead of sending it."""
+    core.start("a")
+    core.run_first("a")
+    core.request({"op": "raise", "i": "a", "n": "big", "in": '"' + "x" * 5_000 + '"'})
+    core.state.max_work_item_bytes = 3_000
+    assert core.dispatch_orch() == []
+    [(instance_id, (execution_id, size))] = core.state.too_large.items()
+    assert instance_id == "a" and execution_id == core.record("a")["x"] and size > 5_000
+
+    core.apply({"op": "fail_too_large", "i": "a", "x": execution_id, "b": size})
+    record = core.record("a")
+    assert record["s"] == FAILED
+    failure = pb.TaskFailureDetails.FromString(record["fd"])
+    assert failure.errorType == "WorkItemTooLarge" and str(size) in failure.errorMessage
+    assert core.dispatch_orch() == []
