@@ -35,7 +35,7 @@ def apply_get_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
 def apply_query_entities(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """Entities with ids starting with `prefix` after `after`, last modified in [lf, lt)."""
     limit = min(int(cmd.get("limit") or MAX_PAGE), MAX_PAGE)
-    modified_from, modified_to = cmd.get("lf") or 0, cmd.get("lt") or (1 << 63)
+    modified_from, modified_to = cmd.get("lf") or 0, (1 << 63) if cmd.get("lt") is None else cmd["lt"]
     page = []
     for entity_id, record in ctx.txn.scan_entities(cmd.get("prefix") or "@", cmd.get("after") or ""):
         if not (_exists(record) or cmd.get("tr")) or not modified_from <= record["lm"] < modified_to:

@@ -21,13 +21,18 @@ MAX_PAGE = 1000
 MAX_PURGE_BATCH = 500
 
 
+def _upper(bound: int | None) -> int:
+    """An upper time bound: absent is none, and 0 (at or before 1970, clamped) matches nothing, not everything."""
+    return _FOREVER_MS if bound is None else bound
+
+
 def _after(point: list[Any] | None) -> tuple[int, str]:
     return (int(point[0]), str(point[1])) if point else (-1, "")
 
 
 def _created_candidates(txn: StoreTxn, cmd: dict[str, Any]) -> Iterator[tuple[int, str]]:
     """Instances in (created_ms, id) order within the created range, from the cheapest index."""
-    start, end = cmd.get("cf") or 0, cmd.get("ct") or _FOREVER_MS
+    start, end = cmd.get("cf") or 0, _upper(cmd.get("ct"))
     start = max(start, _after(cmd.get("after"))[0])
     if cmd.get("statuses"):
         yield from heapq.merge(*(txn.scan_status(s, start, end) for s in set(cmd["statuses"])))
@@ -51,7 +56,7 @@ def apply_query(ctx: Ctx, cmd: dict[str, Any]) -> None:
     by_prefix = bool(cmd.get("prefix"))
     after = _after(cmd.get("after"))
     statuses = set(cmd.get("statuses") or ())
-    start, end = cmd.get("cf") or 0, cmd.get("ct") or _FOREVER_MS
+    start, end = cmd.get("cf") or 0, _upper(cmd.get("ct"))
     limit = min(int(cmd.get("limit") or MAX_PAGE), MAX_PAGE)
     candidates = _prefix_candidates(ctx.txn, cmd) if by_prefix else _created_candidates(ctx.txn, cmd)
     page = []
@@ -74,7 +79,7 @@ def apply_list_ids(ctx: Ctx, cmd: dict[str, Any]) -> None:
     limit = min(int(cmd.get("limit") or MAX_PAGE), MAX_PAGE)
     start = max(cmd.get("df") or 0, after[0])
     page = []
-    for completed, instance_id, status in ctx.txn.scan_completed(start, cmd.get("dt") or _FOREVER_MS):
+    for completed, instance_id, status in ctx.txn.scan_completed(start, _upper(cmd.get("dt"))):
         if (completed, instance_id) <= after or (statuses and status not in statuses):
             continue
         page.append([completed, instance_id])

@@ -36,11 +36,16 @@ def _ms(message: Any, name: str) -> int | None:
     return timestamp_ms(getattr(message, name)) if message.HasField(name) else None
 
 
-def _parse_token(token: str) -> list[Any]:
-    """Continuation tokens are '<ms>:<instance id>' of the last item returned ('i:<id>' for prefix queries)."""
+def _parse_token(token: str, by_id: bool = False) -> list[Any]:
+    """Continuation tokens are '<ms>:<instance id>' of the last item returned ('i:<id>' for prefix queries,
+    which are in id order). A token of the other kind would restart or skip the listing: it is refused."""
     ms, sep, instance_id = token.partition(":")
-    if ms == "i" and sep:
+    if by_id:
+        if ms != "i" or not sep:
+            raise InvalidArgumentError(f"continuation token '{token}' does not belong to a query by instance id prefix")
         return [-1, instance_id]
+    if ms == "i" and sep:
+        raise InvalidArgumentError(f"continuation token '{token}' belongs to a query by instance id prefix")
     if not sep or not (ms.isascii() and ms.isdigit()) or int(ms) > MAX_MS:
         raise InvalidArgumentError(f"malformed continuation token '{token}'")
     return [int(ms), instance_id]
@@ -79,7 +84,7 @@ class Management:
             "cf": _ms(query, "createdTimeFrom"),
             "ct": _ms(query, "createdTimeTo"),
             "prefix": prefix,
-            "after": _parse_token(query.continuationToken.value) if query.continuationToken.value else None,
+            "after": _parse_token(query.continuationToken.value, bool(prefix)) if query.continuationToken.value else None,
             "limit": limit,
             "pl": query.fetchInputsAndOutputs,
         }

@@ -383,6 +383,26 @@ def test_query_with_a_malformed_continuation_token_is_invalid_argument(raw_stub)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
 
 
+@pytest.mark.engine_only
+def test_a_continuation_token_of_the_other_kind_of_query_is_invalid_argument(raw_stub):
+    """Prefix queries are in id order and their tokens name an id; the others are in created order. A token of
+    the wrong kind would restart the listing (repeats) or skip ahead (misses), so it is refused."""
+    calls = [
+        ("QueryInstances", pb.QueryInstancesRequest(query=pb.InstanceQuery(
+            maxInstanceCount=5, continuationToken=wrappers_pb2.StringValue(value="i:some-id")))),
+        ("QueryInstances", pb.QueryInstancesRequest(query=pb.InstanceQuery(
+            maxInstanceCount=5, instanceIdPrefix=wrappers_pb2.StringValue(value="some"),
+            continuationToken=wrappers_pb2.StringValue(value="1700000000000:some-id")))),
+        ("ListInstanceIds", pb.ListInstanceIdsRequest(
+            pageSize=5, lastInstanceKey=wrappers_pb2.StringValue(value="i:some-id"))),
+    ]
+    for rpc, req in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(raw_stub, rpc)(req, timeout=DEADLINE_S)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, req)
+        assert "continuation token" in err.value.details()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ListInstanceIds
 # ---------------------------------------------------------------------------------------------------------

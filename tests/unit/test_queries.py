@@ -538,3 +538,13 @@ def test_history_of_an_earlier_execution_is_gone_after_continue_as_new(core):
     assert core.record("h")["x"] != first_x
     assert _history(core, "h", first_x) is None
     assert _history(core, "h", core.record("h")["x"]) == {"x": core.record("h")["x"], "events": []}
+
+
+def test_an_upper_bound_at_the_epoch_matches_nothing(core, mixed):
+    """The gateway clamps a time at or before 1970 to 0. As an upper bound that matches no instance: it is not
+    the absent bound, which matches them all (a purge by such a filter once deleted every terminal instance)."""
+    assert query_ids(core, ct=0) == []
+    assert query_ids(core, ct=0, statuses=[COMPLETED]) == []
+    assert list_ids(core, dt=0) == []
+    assert purge_filter(core, ct=0) == {"deleted": 0, "more": False, "children": []}
+    assert len(query_ids(core)) == 40
