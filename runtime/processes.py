@@ -12,6 +12,9 @@ import sys
 from runtime.config import Config
 
 CONFIG_ENV = "DURABLE_RUNTIME_CONFIG_JSON"
+# The supervisor's pid, so a child can tell whether its parent is still the supervisor. Comparing the
+# parent pid with 1 instead would kill every child of a supervisor that is itself pid 1 (a container).
+SUPERVISOR_PID_ENV = "DURABLE_RUNTIME_SUPERVISOR_PID"
 
 # Children stop only when the supervisor says so, with this signal. SIGTERM and SIGINT sent to the
 # whole process group (Ctrl-C, systemd's default kill mode) are the supervisor's to handle: it drains
@@ -23,11 +26,16 @@ STOP_SIGNAL = signal.SIGUSR1
 EXIT_PARTITION_CANNOT_RUN = 78
 
 
-def become_child() -> None:
-    """Ignore the group's SIGTERM/SIGINT and stop (via STOP_SIGNAL) when the supervisor dies."""
+def become_child(on_parent_death: int = STOP_SIGNAL) -> None:
+    """Ignore the group's SIGTERM/SIGINT, and get `on_parent_death` when the supervisor dies.
+
+    A partition stops cleanly (STOP_SIGNAL). A gateway is killed: a drain would only hold the port for its
+    grace period, waiting for partitions that died with the supervisor, and block the node's restart.
+    """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(STOP_SIGNAL)
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    die_with_parent(on_parent_death, int(supervisor) if supervisor.isdigit() else None)
 
 
 def config_to_env(config: Config) -> str:
@@ -38,12 +46,12 @@ def config_from_env() -> Config:
     return Config(**json.loads(os.environ[CONFIG_ENV]))
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to signal this process when the supervisor dies, so no child outlives it."""
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
+    """Ask Linux to signal this process when the supervisor (`parent_pid`) dies, so no child outlives it."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
             os.kill(os.getpid(), sig)
 
 

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 from runtime import locks
 from runtime.config import Config
-from runtime.processes import CONFIG_ENV, EXIT_PARTITION_CANNOT_RUN, STOP_SIGNAL, config_to_env
+from runtime.processes import (
+    CONFIG_ENV,
+    EXIT_PARTITION_CANNOT_RUN,
+    STOP_SIGNAL,
+    SUPERVISOR_PID_ENV,
+    config_to_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +164,7 @@ class Supervisor:
         self.gateways = [Child("gateway", i) for i in range(config.gateways)]
         self.stopping = False
         self.forced = False
-        self.env = dict(os.environ, **{CONFIG_ENV: config_to_env(config)})
+        self.env = dict(os.environ, **{CONFIG_ENV: config_to_env(config), SUPERVISOR_PID_ENV: str(os.getpid())})
 
     def run(self) -> int:
         try:

@@ -1,6 +1,7 @@
 """`python -m runtime.gateway --index N`: one gateway process, started by the supervisor."""
 
 import argparse
+import signal
 
 from runtime.gateway.server import GatewayServer
 from runtime.logs import setup_logging
@@ -11,7 +12,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.gateway")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args()
-    become_child()
+    become_child(on_parent_death=signal.SIGKILL)
     config = config_from_env()
     setup_logging(config.log_level, f"gateway-{args.index}")
     run_loop(GatewayServer(config, args.index).serve)

@@ -21,7 +21,7 @@ from durabletask.internal import orchestrator_service_pb2 as pb
 from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .conftest import SHUTDOWN_DEADLINE_S, EngineRuntime
+from .conftest import SHUTDOWN_DEADLINE_S, EngineRuntime, _group_alive
 from .helpers import DEADLINE_S, new_id, new_worker, wait_until
 
 pytestmark = [pytest.mark.crash, pytest.mark.engine_only]
@@ -227,5 +227,33 @@ def test_drain_grace_bounds_the_wait_and_unfinished_work_runs_again(tmp_path: Pa
                 assert state.get_output() == [f"done-{tag}", "x"]
             finally:
                 worker.stop()
+    finally:
+        rt.close()
+
+
+def test_when_the_supervisor_is_killed_its_gateway_does_not_drain_for_the_grace(tmp_path: Path):
+    """The partitions die with the supervisor, so a drain could only hold the port (and block the node's
+    restart) for its grace, waiting for work that can no longer be committed: the gateway goes at once."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--drain-grace-s", "600"])
+    gate, log = tmp_path / "gate", tmp_path / "executions"
+    tag = new_id("orphan")
+    inp = {"gate": str(gate), "log": str(log), "tag": tag}
+    try:
+        rt.start()
+        worker = new_worker(rt.address, ORCHESTRATORS, ACTIVITIES)
+        client = TaskHubGrpcClient(host_address=rt.address)
+        try:
+            client.schedule_new_orchestration(gated_then_event, input=inp, instance_id=tag)
+            wait_until(lambda: executions(log) == 1, message="the gated activity to start")
+            assert rt.proc is not None and rt.pgid is not None
+            rt.proc.kill()  # the supervisor alone
+            rt.proc.wait(timeout=SHUTDOWN_DEADLINE_S)
+            wait_until(lambda: not _group_alive(rt.pgid), timeout=SHUTDOWN_DEADLINE_S,
+                       message="the supervisor's children to go (a draining gateway would stay for 600 s)")
+        finally:
+            gate.touch()
+            worker.stop()
+            client.close()
+        rt.start()  # and the node starts again at once on the same port and data
     finally:
         rt.close()
