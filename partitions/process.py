@@ -253,7 +253,7 @@ class PartitionProcess:
                     self.channel.send({"op": "forgot", "p": self.partition, "ep": self.state.epoch}, to=sender)
             gateway.last_seen_ms = now
         if op == "hb":
-            self.heartbeat(sender, now, message.get("bar"), message.get("act"))
+            self.heartbeat(sender, now, message.get("bar"), message.get("held"))
         elif op == "credit":
             gateway = self.gateways.get(sender)  # type: ignore[arg-type]
             kind = message.get("k")
@@ -287,19 +287,20 @@ class PartitionProcess:
             commands.append(message)
 
     def heartbeat(self, sender: bytes | None, now: int, barrier: Any = None, held: Any = None) -> None:
-        """A gateway is alive: renew the activity leases it says its streams hold, and tell it our epoch.
+        """A gateway is alive: renew the activity and entity leases it says its streams hold, and tell it our epoch.
 
-        Activities may run long, so theirs last as long as a stream holds them. Only the tokens the gateway
-        lists are renewed: an item it never got (a frame dropped on a full queue or a broken tcp link) or
-        whose completion was lost expires and runs again, instead of being renewed for the gateway's life.
-        Orchestrator and entity work items are replays that take moments: if one is not completed
-        within the lease (say its completion failed, which the SDK only logs), it expires and runs again.
+        Activities and entity batches run user code and may run long, so their leases last as long as a stream
+        holds them. Only the tokens the gateway lists are renewed: an item it never got (a frame dropped on a
+        full queue or a broken tcp link) or whose completion was lost expires and runs again, instead of being
+        renewed for the gateway's life. Orchestrator work items are replays that take moments: if one is not
+        completed within the lease (say its completion failed, which the SDK only logs), it expires and runs
+        again.
         """
         if sender is None:
             return
         for token in held if isinstance(held, list) else ():
             lease = self.state.leases_by_token.get(token) if isinstance(token, str) else None
-            if lease is not None and lease.kind == "a" and lease.gateway == sender:
+            if lease is not None and lease.kind in ("a", "e") and lease.gateway == sender:
                 lease.expires_ms = now + self.lease_ms
         reply = {"op": "hb", "p": self.partition, "ep": self.state.epoch}
         if barrier is not None:

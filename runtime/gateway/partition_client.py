@@ -41,8 +41,8 @@ class PartitionClient:
         self._on_message = on_message
         self._tasks: list[asyncio.Task[None]] = []
         self.on_restart: Callable[[int], None] = lambda partition: None
-        # The activity tokens this gateway's streams hold, by partition: heartbeats renew exactly those leases.
-        self.held_activities: Callable[[], dict[int, list[str]]] = dict
+        # The activity and entity tokens this gateway's streams hold, by partition: heartbeats renew exactly those.
+        self.held_leases: Callable[[], dict[int, list[str]]] = dict
 
     def partition_of(self, instance_id: str) -> int:
         return partition_for(instance_id, self.config.partitions)
@@ -172,9 +172,9 @@ class PartitionClient:
 
     async def _heartbeat(self) -> None:
         while True:
-            held = self.held_activities()
+            held = self.held_leases()
             for partition, channel in enumerate(self.channels):
-                channel.send({"op": "hb", "act": held.get(partition, [])})
+                channel.send({"op": "hb", "held": held.get(partition, [])})
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     def close(self) -> None:

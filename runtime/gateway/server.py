@@ -45,7 +45,7 @@ class GatewayServer:
         client = PartitionClient(config, on_message=lambda p, m: dispatcher.on_message(p, m))
         dispatcher = self.dispatcher = WorkDispatcher(client)
         client.on_restart = dispatcher.on_partition_restart
-        client.held_activities = dispatcher.held_activities
+        client.held_leases = dispatcher.held_leases
         servicer = Servicer(config, client, dispatcher)
         options = [
             # The transport reads every request whole; the servicer enforces --max-request-bytes. A

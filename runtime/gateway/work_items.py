@@ -31,6 +31,7 @@ from runtime.router.channel import Message
 log = logging.getLogger(__name__)
 
 KINDS = ("o", "a", "e")  # orchestrations, activities, entities
+RENEWED_KINDS = ("a", "e")  # leases renewed while a stream holds them; orchestrator replays take moments
 ALL = "*"  # the group of streams without filters
 
 Filters = dict[str, dict[str, list[str]] | None]  # kind -> (name -> versions, [] = any) or None = all
@@ -126,11 +127,12 @@ class WorkDispatcher:
             stream.inflight[kind].clear()
         self.schedule_grant()
 
-    def held_activities(self) -> dict[int, list[str]]:
-        """The activity tokens the streams hold, by partition (for the heartbeats that renew their leases)."""
+    def held_leases(self) -> dict[int, list[str]]:
+        """The activity and entity tokens the streams hold, by partition (for the heartbeats that renew their
+        leases: both run user code, for as long as it takes)."""
         held: dict[int, list[str]] = defaultdict(list)
         for token, (_, kind, partition) in self.owner.items():
-            if kind == "a":
+            if kind in RENEWED_KINDS:
                 held[partition].append(token)
         return held
 

@@ -220,34 +220,46 @@ def test_an_expired_lease_frees_its_slot_on_the_stream(tmp_path: Path):
         rt.close()
 
 
-def test_an_activity_held_by_a_stream_outlives_its_lease_timeout(tmp_path: Path):
-    """Heartbeats renew the activity leases the gateway's streams hold (their tokens listed, partition by
-    partition), so an activity runs as long as its stream holds it: with a 1 s lease timeout, it is not sent
-    again while a 2.5 s durable timer of another instance runs out, and its completion is then accepted."""
+def test_an_activity_and_an_entity_batch_held_by_a_stream_outlive_their_lease_timeout(tmp_path: Path):
+    """Heartbeats renew the activity and entity leases the gateway's streams hold (their tokens listed, partition
+    by partition), so an activity or an entity batch runs as long as its stream holds it: with a 1 s lease
+    timeout, neither is sent again while a 2.5 s durable timer of another instance runs out, and their
+    completions are then accepted."""
     rt = EngineRuntime(tmp_path / "data", extra_args=["--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1"])
     rt.start()
     try:
         with grpc.insecure_channel(rt.address) as channel:
             stub = stubs.TaskHubSidecarServiceStub(channel)
             stream = RawStream(channel, pb.GetWorkItemsRequest(
-                maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10))
+                maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10,
+                maxConcurrentEntityWorkItems=10))
             try:
-                held, clock = new_id("held"), new_id("clock")
+                held, clock, entity_id = new_id("held"), new_id("clock"), f"@counter@{new_id('held')}"
                 stub.StartInstance(pb.CreateInstanceRequest(instanceId=held, name="held"), timeout=DEADLINE_S)
                 complete(stub, stream.next(), pb.OrchestratorAction(
                     id=1, scheduleTask=pb.ScheduleTaskAction(name="slow")))
                 activity = stream.next()
                 assert activity.HasField("activityRequest")
+                stub.SignalEntity(pb.SignalEntityRequest(instanceId=entity_id, name="add", requestId="r1",
+                                                         input=wrappers_pb2.StringValue(value="5")), timeout=DEADLINE_S)
+                batch = stream.next()
+                assert batch.entityRequestV2.instanceId == entity_id, batch
 
                 stub.StartInstance(pb.CreateInstanceRequest(instanceId=clock, name="clock"), timeout=DEADLINE_S)
                 fire_at = timestamp_pb2.Timestamp()
                 fire_at.FromMilliseconds(int(time.time() * 1000) + 2_500)
                 complete(stub, stream.next(), pb.OrchestratorAction(
                     id=1, createTimer=pb.CreateTimerAction(fireAt=fire_at)))
-                fired = stream.next()  # only the timer's turn comes: the activity is not sent again meanwhile
+                fired = stream.next()  # only the timer's turn comes: neither is sent again meanwhile
                 assert fired.orchestratorRequest.instanceId == clock, fired
                 assert any(e.HasField("timerFired") for e in fired.orchestratorRequest.newEvents)
                 complete(stub, fired, DONE)
+
+                stub.CompleteEntityTask(pb.EntityBatchResult(
+                    completionToken=batch.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
+                    results=[pb.OperationResult(success=pb.OperationResultSuccess())]), timeout=DEADLINE_S)
+                got = stub.GetEntity(pb.GetEntityRequest(instanceId=entity_id, includeState=True), timeout=DEADLINE_S)
+                assert got.entity.serializedState.value == "5", got
 
                 stub.CompleteActivityTask(pb.ActivityResponse(
                     instanceId=held, taskId=1, completionToken=activity.completionToken,
