@@ -125,6 +125,13 @@ def _apply_send_entity_message(ctx: Ctx, out: Outcome, action: pb.OrchestratorAc
         target = inner.targetInstanceId.value
     if not target:
         return
+    if which == "entityOperationCalled" and not inner.parentExecutionId.value:
+        # The SDK leaves it out. The entity's answer names it, so an answer meant for an execution that has
+        # since continued as new (or been replaced) is dropped instead of failing the one that runs now.
+        called = pb.EntityOperationCalledEvent()
+        called.CopyFrom(inner)
+        called.parentExecutionId.value = out.record["x"]
+        inner = called
     at = ev.timestamp_ms(inner.scheduledTime) if which in _TIMED and inner.HasField("scheduledTime") else 0
     event = ev.history_event(ctx.now_ms, **{which: inner}).SerializeToString()
     ctx.send_to_instance(target, {"op": "entity_msg", "ev": event, "at": at})

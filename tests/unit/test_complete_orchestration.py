@@ -499,3 +499,19 @@ def test_a_resume_whose_suspend_went_to_the_old_execution_is_not_carried_over(co
 
     assert core.status("a") == RUNNING
     assert kinds(core.inbox("a")) == ["executionStarted"]  # no stray executionResumed for the SDK to fail on
+
+
+def test_an_entity_call_names_the_calling_execution(pair):
+    """The SDK leaves parentExecutionId out of entityOperationCalled; the engine fills it in, so the entity's
+    answer names the execution that asked, and one that arrives after a continue-as-new is dropped."""
+    p0, _ = pair
+    caller, entity = id_on(0, 2, "caller"), id_on(1, 2, "@counter@k")
+    p0.start(caller)
+    called = pb.EntityOperationCalledEvent(requestId="r1", operation="get", parentInstanceId=sv(caller),
+                                           targetInstanceId=sv(entity))
+    p0.run_first(caller, [pb.OrchestratorAction(id=1, sendEntityMessage=pb.SendEntityMessageAction(
+        entityOperationCalled=called))])
+    execution = p0.record(caller)["x"]
+    [(_, message)] = p0.outbox(1)
+    sent = pb.HistoryEvent.FromString(message["ev"]).entityOperationCalled
+    assert sent.parentExecutionId.value == execution and sent.requestId == "r1"
