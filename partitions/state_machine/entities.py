@@ -194,8 +194,12 @@ def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if event.HasField("entityOperationCalled"):
             outcome = result.results[index] if index < len(result.results) else None
             _answer_call(ctx, event.entityOperationCalled, outcome, result.failureDetails if batch_failed else None)
+    # A signal to this same entity is applied at once (same partition) to the stored record, and may grant a
+    # queued lock: store ours first and read it back after, or its stale copy would overwrite that lock.
+    _save(ctx, entity_id, record)
     for action in result.actions:
         _apply_operation_action(ctx, action)
+    record = _load(ctx, entity_id)
     advance(ctx, entity_id, record)
     _save(ctx, entity_id, record)
     ctx.reply(cmd)

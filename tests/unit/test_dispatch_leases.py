@@ -349,3 +349,26 @@ def test_an_instance_whose_next_work_item_cannot_fit_fails_saying_why(core):
     failure = pb.TaskFailureDetails.FromString(record["fd"])
     assert failure.errorType == "WorkItemTooLarge" and str(size) in failure.errorMessage
     assert core.dispatch_orch() == []
+
+
+def test_a_batch_that_signals_its_own_entity_keeps_the_lock_granted_meanwhile(core):
+    """The signal to itself is applied at once (same partition) and grants the lock request that queued while
+    the batch ran; the batch's own save must not overwrite that lock with its stale copy of the record."""
+    signal(core, "poke")
+    [(token, _)] = core.dispatch_ent()
+    holder = "holder"
+    core.start(holder)
+    lock = pb.EntityLockRequestedEvent(criticalSectionId="cs-1", lockSet=[ENTITY], position=0,
+                                       parentInstanceId=wrappers_pb2.StringValue(value=holder))
+    core.run_first(holder, [pb.OrchestratorAction(id=1, sendEntityMessage=pb.SendEntityMessageAction(
+        entityLockRequested=lock))])
+    result = pb.EntityBatchResult(
+        completionToken=token, entityState=wrappers_pb2.StringValue(value="1"),
+        results=[pb.OperationResult(success=pb.OperationResultSuccess())],
+        actions=[pb.OperationAction(id=0, sendSignal=pb.SendSignalAction(instanceId=ENTITY, name="add"))])
+    core.request({"op": "complete_ent", "tok": token, "resp": result.SerializeToString()})
+
+    assert "entityLockGranted" in kinds(core.inbox(holder))
+    with core.read() as txn:
+        assert txn.get_entity(ENTITY)["lo"] == holder  # still locked for the holder
+    assert core.dispatch_ent() == []  # the signal waits behind the lock
