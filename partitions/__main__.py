@@ -12,7 +12,7 @@ from partitions.process import (
     PartitionProcess,
 )
 from runtime.logs import setup_logging
-from runtime.processes import EXIT_PARTITION_CANNOT_RUN, become_child, config_from_env, run_loop
+from runtime.processes import EXIT_CANNOT_RUN, become_child, config_from_env, run_loop
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
         process = PartitionProcess(config, args.index)
     except PartitionDataError as exc:
         print(f"durable-runtime: {exc}", file=sys.stderr)
-        return EXIT_PARTITION_CANNOT_RUN
+        return EXIT_CANNOT_RUN
     except PartitionBusyError as exc:  # say, a partition of a node that is still dying: retried with backoff
         print(f"durable-runtime: {exc}", file=sys.stderr)
         return 1
@@ -37,7 +37,7 @@ def main() -> int:
         run_loop(process.serve)
     except PartitionEndpointError as exc:
         print(f"durable-runtime: {exc}", file=sys.stderr)
-        return EXIT_PARTITION_CANNOT_RUN
+        return EXIT_CANNOT_RUN
     return 0
 
 

@@ -21,9 +21,9 @@ SUPERVISOR_PID_ENV = "DURABLE_RUNTIME_SUPERVISOR_PID"
 # the gateways first and stops the partitions after them.
 STOP_SIGNAL = signal.SIGUSR1
 
-# A partition exits with this when it cannot run with the node's data directory or configuration, and
-# restarting it would not help: the supervisor stops the node.
-EXIT_PARTITION_CANNOT_RUN = 78
+# A partition or gateway exits with this when it cannot run with the node's data directory or configuration
+# (say its address is taken), and restarting it would not help: the supervisor stops the node.
+EXIT_CANNOT_RUN = 78
 
 
 def become_child(on_parent_death: int = STOP_SIGNAL) -> None:

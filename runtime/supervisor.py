@@ -26,7 +26,7 @@ from runtime import locks
 from runtime.config import Config
 from runtime.processes import (
     CONFIG_ENV,
-    EXIT_PARTITION_CANNOT_RUN,
+    EXIT_CANNOT_RUN,
     STOP_SIGNAL,
     SUPERVISOR_PID_ENV,
     config_to_env,
@@ -93,6 +93,25 @@ def check_zmq_ports(config: Config) -> None:
                     " is another durable-runtime node using it, or one that is still stopping? Give each node on a"
                     " host its own --zmq-base-port"
                 ) from None
+
+
+def check_grpc_port(config: Config) -> None:
+    """The gateway's port must be free. Gateways share it with SO_REUSEPORT when there are several, so another
+    node's gateways on it would silently take half of the connections, to their own data; and one that
+    cannot bind would be restarted for ever."""
+    host = config.host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds (TIME_WAIT is no conflict)
+        try:
+            probe.bind((host, config.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {config.host}:{config.port} is taken: is another durable-runtime node (or another"
+                    " program) listening there? Give this node another --port"
+                ) from None
+            raise StartupError(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); check --host") from None
 
 
 def check_data_dir(config: Config) -> None:
@@ -176,6 +195,7 @@ class Supervisor:
         self.claim = claim_data_dir(self.config)
         check_data_dir(self.config)
         check_zmq_ports(self.config)
+        check_grpc_port(self.config)
         os.makedirs(self.config.runtime_dir(), exist_ok=True)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -207,7 +227,7 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def _watch(self) -> int:
-        """Restart dead children with backoff; a partition that cannot run here stops the node."""
+        """Restart dead children with backoff; a child that cannot run here stops the node."""
         now = time.monotonic()
         for child in self.partitions + self.gateways:
             process = child.process
@@ -218,10 +238,10 @@ class Supervisor:
             code = process.poll()
             if code is None:
                 continue
-            if code == EXIT_PARTITION_CANNOT_RUN:
+            if code == EXIT_CANNOT_RUN:
                 log.error("%s cannot run with this data directory or configuration (see its message); stopping",
                           child.name)
-                return EXIT_PARTITION_CANNOT_RUN
+                return EXIT_CANNOT_RUN
             if now - child.started_at >= _STEADY_S:
                 child.restarts = 0
             child.restarts += 1
@@ -281,7 +301,7 @@ class Supervisor:
     def _keep_alive(self, children: Sequence[Child]) -> None:
         for child in children:
             if child.process is None or child.process.poll() is not None:
-                if child.process is not None and child.process.returncode == EXIT_PARTITION_CANNOT_RUN:
+                if child.process is not None and child.process.returncode == EXIT_CANNOT_RUN:
                     continue
                 log.warning("%s died while gateways drain; restarting it", child.name)
                 child.restarts += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -75,6 +76,23 @@ def check(config: Config) -> None:
     """Load every secret the gateway will need, so a bad file stops the node at once with a clear message."""
     load_api_token(config)
     server_credentials(config)
+    if config.tls_cert_file:
+        _check_key_pair(config.tls_cert_file, config.tls_key_file)
+
+
+def _check_key_pair(cert_file: str, key_file: str) -> None:
+    """gRPC only finds a key that does not match its certificate, or one that needs a password, when the
+    gateway binds its port, and then says no more than 'failed to bind'."""
+
+    def no_password() -> bytes:
+        raise ValueError(f"--tls-key-file {key_file} is encrypted; give the gateway an unencrypted key")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=no_password)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"--tls-key-file {key_file} does not go with --tls-cert-file {cert_file} ({exc.reason or exc})"
+        ) from None
 
 
 def rejecting_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,

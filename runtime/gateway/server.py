@@ -30,6 +30,10 @@ _DRAIN_POLL_S = 0.05
 _STOP_GRACE_S = 1.0  # for client calls still open after the drain (long waits end, clients retry)
 
 
+class GatewayBindError(Exception):
+    """The gateway cannot listen on its address: restarting it would not help (exit EXIT_CANNOT_RUN)."""
+
+
 class GatewayServer:
     def __init__(self, config: Config, index: int) -> None:
         self.config = config
@@ -67,10 +71,16 @@ class GatewayServer:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{config.host}:{config.port}"
-        if credentials is None:
-            server.add_insecure_port(address)
-        else:
-            server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                server.add_insecure_port(address)
+            else:
+                server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc says no more than "failed to bind"
+            raise GatewayBindError(
+                f"gateway {self.index} cannot listen on {address} ({exc}): is another process, or another"
+                " durable-runtime node, using that port? Stopping the node."
+            ) from None
         client.start()
         await server.start()
         log.info(

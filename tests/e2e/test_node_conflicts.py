@@ -83,6 +83,39 @@ def test_a_second_node_on_the_same_zmq_ports_is_refused(tmp_path: Path):
         first.close()
 
 
+@pytest.mark.parametrize("gateways", ["1", "2"])
+def test_a_second_node_on_the_same_grpc_port_is_refused(tmp_path: Path, gateways: str):
+    """With several gateways the port is shared (SO_REUSEPORT), so another node's gateways could bind it too and
+    take half the connections, to their own data; with one, the second node's gateway would be restarted for
+    ever. The second node is refused before it starts anything."""
+    first = EngineRuntime(tmp_path / "first", extra_args=["--gateways", gateways])
+    try:
+        first.start()
+        refused = first.run_refused({"--data-dir": str(tmp_path / "second")})
+        assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
+        assert f"port 127.0.0.1:{first.port} is taken" in refused.stderr, refused.stderr
+        assert_serves_untouched(first)
+    finally:
+        first.close()
+
+
+def test_a_tls_key_that_does_not_go_with_its_certificate_is_refused(tmp_path: Path):
+    """gRPC would only find out when the gateway binds its port, and say no more than 'failed to bind'."""
+    pems = []
+    for name in ("one", "two"):
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                               "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"openssl cannot make a test certificate: {made.stderr!r}")
+        pems.append((key, cert))
+    (key_one, _), (_, cert_two) = pems
+    node = EngineRuntime(tmp_path / "data")
+    refused = node.run_refused({}, "--tls-cert-file", str(cert_two), "--tls-key-file", str(key_one))
+    assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
+    assert "does not go with --tls-cert-file" in refused.stderr, refused.stderr
+
+
 def grab_port(port: int, gave_up: Callable[[], bool]) -> socket.socket | None:
     """Listen on 127.0.0.1:`port` as soon as it is free; None once `gave_up()` (or after DEADLINE_S)."""
     deadline = time.monotonic() + DEADLINE_S
