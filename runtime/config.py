@@ -117,7 +117,13 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
     for f in dataclasses.fields(Config):
         value = getattr(args, f.name, None)
         if value is None and _env_name(f.name) in environ:
-            value = _field_type(f.default)(environ[_env_name(f.name)])
+            raw = environ[_env_name(f.name)]
+            try:
+                value = _field_type(f.default)(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{_env_name(f.name)}={raw!r} is not a valid {_field_type(f.default).__name__}"
+                ) from None
         if value is not None:
             values[f.name] = value
     config = Config(**values)
@@ -136,6 +142,36 @@ def validate(config: Config) -> None:
         raise ValueError("--lease-timeout-s and --heartbeat-interval-s must be positive")
     if config.drain_grace_s < 0:
         raise ValueError(f"--drain-grace-s must not be negative, got {config.drain_grace_s}")
+    if not 0 <= config.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {config.port}")
+    if config.zmq_transport == "tcp" and not (1 <= config.zmq_base_port and config.zmq_base_port + config.partitions - 1 <= 65535):
+        raise ValueError(
+            f"--zmq-base-port {config.zmq_base_port} leaves no room for {config.partitions} partition ports below 65536"
+        )
+    for flag, value in (
+        ("--health-ping-interval-s", config.health_ping_interval_s),
+        ("--request-timeout-s", config.request_timeout_s),
+        ("--gateway-timeout-s", config.gateway_timeout_s),
+        ("--outbox-resend-interval-s", config.outbox_resend_interval_s),
+    ):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if config.gateway_timeout_s <= config.heartbeat_interval_s:
+        raise ValueError(
+            f"--gateway-timeout-s ({config.gateway_timeout_s}) must be longer than --heartbeat-interval-s"
+            f" ({config.heartbeat_interval_s}), or partitions drop live gateways between their heartbeats"
+        )
+    for flag, value, least in (
+        ("--max-request-bytes", config.max_request_bytes, 64 << 10),
+        ("--max-instance-id-length", config.max_instance_id_length, 1),
+        ("--max-history-events", config.max_history_events, 10),
+        ("--map-size-bytes", config.map_size_bytes, 1 << 20),
+        ("--max-batch-commands", config.max_batch_commands, 1),
+    ):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"--log-level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {config.log_level!r}")
     _validate_security(config)
 
 

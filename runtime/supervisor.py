@@ -118,8 +118,14 @@ def check_data_dir(config: Config) -> None:
     """Record the partition count on first start; refuse another count later (no rebalancing yet)."""
     path = os.path.join(config.data_dir, LAYOUT_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f).get("partitions")
+        try:
+            with open(path) as f:
+                recorded = json.load(f).get("partitions")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise StartupError(
+                f"cannot read {path} ({exc}); it records the data directory's partition count: restore it, or"
+                ' write {"partitions": N, "format": 1} with the count the data directory was created with'
+            ) from None
         if recorded != config.partitions:
             raise StartupError(
                 f"{config.data_dir} was created with {recorded} partitions; refusing to start with"

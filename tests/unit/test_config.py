@@ -96,6 +96,14 @@ def test_config_round_trips_to_children(monkeypatch: pytest.MonkeyPatch) -> None
         (["--tls-cert-file", "{missing}", "--tls-key-file", "{key}"], "not a readable file"),
         (["--api-token-file", "{missing}"], "not a readable file"),
         (["--zmq-transport", "tcp", "--zmq-curve-secret-file", "{missing}"], "not a readable file"),
+        (["--port", "103817"], "--port must be between 0 and 65535"),
+        (["--zmq-transport", "tcp", "--zmq-base-port", "65535", "--partitions", "2"], "no room for 2 partition"),
+        (["--health-ping-interval-s", "0"], "--health-ping-interval-s must be positive"),
+        (["--request-timeout-s", "-1"], "--request-timeout-s must be positive"),
+        (["--gateway-timeout-s", "1", "--heartbeat-interval-s", "1"], "must be longer than --heartbeat-interval-s"),
+        (["--max-request-bytes", "100"], "--max-request-bytes must be at least"),
+        (["--max-batch-commands", "0"], "--max-batch-commands must be at least 1"),
+        (["--log-level", "LOUD"], "--log-level must be one of"),
     ],
 )
 def test_validation_errors(argv: list[str], message: str, files, tmp_path: Path) -> None:
@@ -103,6 +111,11 @@ def test_validation_errors(argv: list[str], message: str, files, tmp_path: Path)
     names["missing"] = str(tmp_path / "missing.pem")
     with pytest.raises(ValueError, match=message):
         parse([a.format(**names) for a in argv])
+
+
+def test_a_bad_environment_value_names_its_variable() -> None:
+    with pytest.raises(ValueError, match="DURABLE_RUNTIME_PORT='4001x' is not a valid int"):
+        config_from(build_parser().parse_args([]), {"DURABLE_RUNTIME_PORT": "4001x"})
 
 
 def test_valid_security_combinations(files) -> None:
@@ -203,3 +216,11 @@ def test_token_verdict(metadata: tuple, problem: str | None) -> None:
         assert verdict is None
     else:
         assert verdict is not None and problem in verdict
+
+
+def test_a_corrupt_layout_file_is_a_startup_error_not_a_traceback(tmp_path: Path) -> None:
+    from runtime.supervisor import LAYOUT_FILE, StartupError, check_data_dir
+
+    (tmp_path / LAYOUT_FILE).write_text("{garbage")
+    with pytest.raises(StartupError, match=f"cannot read .*{LAYOUT_FILE}.*partition count"):
+        check_data_dir(Config(data_dir=str(tmp_path), partitions=2))
