@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record
+from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record, is_child_of
 from partitions.state_machine.start_instance import create_instance
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import InstanceNotCompletedError, InstanceNotFoundError
@@ -46,18 +46,32 @@ def _prepare(ctx: Ctx, instance_id: str, record: Record, reason: str | None, par
 
 
 def apply_rewind_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """A rewound parent still waits for this child: rewind it if it failed, re-create it if purged."""
+    """A rewound parent still waits for this child: rewind it if it failed, re-create it if purged, point it
+    at the parent's new execution if it still runs, and report again a result the failed parent dropped."""
     instance_id = cmd["i"]
+    parent = cmd["p"]
     record = ctx.load(instance_id)
     if record is None:
-        create_instance(ctx, instance_id, cmd, parent=cmd["p"])
-    elif record["s"] == ev.FAILED:
-        _prepare(ctx, instance_id, record, cmd.get("reason"), cmd["p"][1])
+        create_instance(ctx, instance_id, cmd, parent=parent)
+        return
+    if not is_child_of(record, parent[0]):
+        return  # the id was taken by another instance: that one is not the parent's to rewind
+    if record["s"] == ev.FAILED:
+        _prepare(ctx, instance_id, record, cmd.get("reason"), parent[1])
+    elif record["s"] in ev.TERMINAL:
+        ctx.send_to_instance(parent[0], {
+            "op": "child_done", "x": parent[1], "t": record["p"][2], "s": record["s"],
+            "out": record.get("out"), "fd": record.get("fd"),
+        })
+    else:
+        record["p"][1] = parent[1]
+        ctx.save(instance_id, record)
 
 
 def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: pb.RewindOrchestrationAction) -> None:
     """Replace the history with the SDK's clean one and replay from it."""
     history = list(action.newHistory)
+    failed_execution = record["x"]
     ctx.txn.delete_history(instance_id)
     for index, event in enumerate(history):
         ctx.txn.put_history(instance_id, index, event.SerializeToString())
@@ -65,6 +79,8 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
     reason = None
     created: dict[int, pb.SubOrchestrationInstanceCreatedEvent] = {}
     finished: set[int] = set()
+    scheduled: dict[int, pb.TaskScheduledEvent] = {}  # activities the new history still waits for
+    answered: set[int] = set()
     timers: dict[int, Any] = {}  # timerCreated id -> fireAt, while no timerFired answers it
     for event in history:
         which = event.WhichOneof("eventType")
@@ -76,6 +92,10 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
             created[event.eventId] = event.subOrchestrationInstanceCreated
         elif which == "subOrchestrationInstanceCompleted":
             finished.add(event.subOrchestrationInstanceCompleted.taskScheduledId)
+        elif which == "taskScheduled":
+            scheduled[event.eventId] = event.taskScheduled
+        elif which in ("taskCompleted", "taskFailed"):
+            answered.add(getattr(event, which).taskScheduledId)
         elif which == "timerCreated":
             timers[event.eventId] = event.timerCreated.fireAt
         elif which == "timerFired":
@@ -85,6 +105,8 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
     ctx.set_status(instance_id, record, ev.RUNNING)
     ctx.unqueue(record)  # the ready row of the rewind work item itself
     ctx.mark_ready(instance_id, record)
+    waited_for = {t: e for t, e in scheduled.items() if t not in answered}
+    _carry_activities(ctx, instance_id, record, failed_execution, waited_for)
     for timer_id, fire_at in timers.items():
         # Its row may have come due, and gone, while the instance was FAILED; the replay waits for it. (A row
         # still there has the same key: writing it again changes nothing.)
@@ -105,3 +127,28 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
                 "p": [instance_id, record["x"], task_id, record["n"], record.get("v")],
             },
         )
+
+
+def _carry_activities(
+    ctx: Ctx, instance_id: str, record: Record, failed_execution: str, waited_for: dict[int, pb.TaskScheduledEvent]
+) -> None:
+    """The rewound history names a new execution. Activities of the failed one still queued or running now
+    report to it; one whose result the failed instance dropped (or that waited for a retry) is queued again."""
+    queued = set()
+    for seq, activity in list(ctx.txn.activities_after(0)):
+        if activity.get("i") == instance_id and activity.get("x") == failed_execution:
+            activity["x"] = record["x"]
+            ctx.txn.put_activity(seq, activity)
+            queued.add(activity["t"])
+    for task_id, task in waited_for.items():
+        if task_id in queued:
+            continue
+        activity: dict[str, Any] = {
+            "i": instance_id, "x": record["x"], "t": task_id, "n": task.name,
+            "v": task.version.value if task.HasField("version") else None,
+            "in": task.input.value if task.HasField("input") else None,
+            "tg": dict(task.tags),
+        }
+        if task.HasField("parentTraceContext"):
+            activity["tc"] = task.parentTraceContext.SerializeToString()
+        ctx.queue_activity(activity)

@@ -1,0 +1,101 @@
+"""Rewind of an instance whose work was still out when it failed. The SDK's rewound history names a new
+execution (a fresh executionId in executionStarted) and drops the failed tasks, so the engine must let the
+failed execution's other work report to the new one, and give back what the failed instance dropped."""
+
+from __future__ import annotations
+
+from protos import orchestrator_service_pb2 as pb
+from tests.unit.conftest import (
+    COMPLETED,
+    FAILED,
+    RUNNING,
+    complete,
+    create_sub,
+    deliver,
+    id_on,
+    kinds,
+    schedule_task,
+)
+
+BOOM = pb.TaskFailureDetails(errorType="E", errorMessage="boom")
+
+
+def rewind(core, instance_id: str, new_execution: str) -> None:
+    """Rewind `instance_id` and answer its work item as the SDK does (see its _build_rewind_result)."""
+    core.request({"op": "rewind", "i": instance_id})
+    token, request = core.dispatch_one(instance_id)
+    assert "executionRewound" in kinds(request.newEvents)
+    events = [*request.pastEvents, *request.newEvents]
+    failed = {e.taskFailed.taskScheduledId for e in events if e.HasField("taskFailed")}
+    clean = []
+    for event in events:
+        dropped = ("taskFailed", "subOrchestrationInstanceFailed", "executionCompleted")
+        if event.WhichOneof("eventType") in dropped or (event.HasField("taskScheduled") and event.eventId in failed):
+            continue
+        if event.HasField("executionStarted"):
+            event.executionStarted.orchestrationInstance.executionId.value = new_execution
+        clean.append(event)
+    core.complete_orch(instance_id, token, [pb.OrchestratorAction(
+        id=-1, rewindOrchestration=pb.RewindOrchestrationAction(newHistory=clean))])
+    assert core.status(instance_id) == RUNNING and core.record(instance_id)["x"] == new_execution
+
+
+def fail_with_slow_activity_out(core):
+    """'a' scheduled Slow (task 1) and Flaky (task 2); Flaky failed and so did 'a', with Slow still out."""
+    core.start("a")
+    core.run_first("a", [schedule_task(1, "Slow"), schedule_task(2, "Flaky")])
+    (slow, _), (flaky, _) = core.dispatch_act()
+    core.complete_act("a", 2, flaky, failure=BOOM)
+    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+    assert core.status("a") == FAILED
+    return slow
+
+
+def test_an_activity_running_across_a_rewind_reports_to_the_new_execution(core):
+    slow = fail_with_slow_activity_out(core)
+    rewind(core, "a", "x-rewound")
+    core.complete_act("a", 1, slow, result='"slow"')
+    assert [e.taskCompleted.result.value for e in core.inbox("a") if e.HasField("taskCompleted")] == ['"slow"']
+
+
+def test_an_activity_that_finished_while_the_instance_was_failed_runs_again_after_a_rewind(core):
+    slow = fail_with_slow_activity_out(core)
+    core.complete_act("a", 1, slow, result='"slow"')  # dropped: the instance has failed
+    rewind(core, "a", "x-rewound")
+    assert [(a["t"], a["n"], a["x"]) for a in core.activities()] == [(1, "Slow", "x-rewound")]
+
+
+def test_a_child_that_completed_while_its_parent_was_failed_reports_again_after_a_rewind(pair):
+    p0, p1 = pair
+    parent, child = id_on(0, 2, "parent"), id_on(1, 2, "child")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", child), schedule_task(2, "Flaky")])
+    deliver(p0, p1)
+    [(flaky, _)] = p0.dispatch_act()
+    p0.complete_act(parent, 2, flaky, failure=BOOM)
+    p0.run_first(parent, [complete(3, FAILED, failure=BOOM)])
+    p1.run_first(child, [complete(0, COMPLETED, '"from child"')])
+    deliver(p1, p0)  # dropped: the parent has failed
+    rewind(p0, parent, "x-rewound")
+    deliver(p0, p1)  # rewind_child: the child has completed, so it reports again, to the new execution
+    deliver(p1, p0)
+    [done] = [e.subOrchestrationInstanceCompleted for e in p0.inbox(parent)
+              if e.HasField("subOrchestrationInstanceCompleted")]
+    assert done.taskScheduledId == 1 and done.result.value == '"from child"'
+
+
+def test_a_child_still_running_across_a_rewind_reports_to_the_new_execution(pair):
+    p0, p1 = pair
+    parent, child = id_on(0, 2, "parent"), id_on(1, 2, "child")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", child), schedule_task(2, "Flaky")])
+    deliver(p0, p1)
+    [(flaky, _)] = p0.dispatch_act()
+    p0.complete_act(parent, 2, flaky, failure=BOOM)
+    p0.run_first(parent, [complete(3, FAILED, failure=BOOM)])
+    rewind(p0, parent, "x-rewound")
+    deliver(p0, p1)
+    assert p1.record(child)["p"][1] == "x-rewound"
+    p1.run_first(child, [complete(0, COMPLETED, '"late"')])
+    deliver(p1, p0)
+    assert any(e.HasField("subOrchestrationInstanceCompleted") for e in p0.inbox(parent))
