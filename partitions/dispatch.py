@@ -82,7 +82,7 @@ def dispatch_orchestrations(
                 length_delimited(4, started),
             )
         )
-        new_events, size = _new_events_that_fit(inbox, len(head) + _WORK_ITEM_FRAMING, state.max_work_item_bytes)
+        new_events, size = _fields_that_fit(4, inbox, len(head) + _WORK_ITEM_FRAMING, state.max_work_item_bytes)
         if size > state.max_work_item_bytes:
             # No worker with the default receive limit could take it, and its stream would break for every item
             # on it, again and again: the instance fails instead (in the next batch), saying why.
@@ -112,12 +112,14 @@ def dispatch_orchestrations(
 _WORK_ITEM_FRAMING = 32  # WorkItem's own field headers and the completion token, generously
 
 
-def _new_events_that_fit(inbox: list[tuple[bytes, bytes]], used: int, limit: int) -> tuple[list[bytes], int]:
-    """The inbox events (as newEvents fields) that fit in `limit` after `used` bytes, oldest first; at least the
-    first one, so the size returned may exceed the limit. The rest wait for the next work item."""
+def _fields_that_fit(
+    number: int, inbox: list[tuple[bytes, bytes]], used: int, limit: int
+) -> tuple[list[bytes], int]:
+    """The inbox events (as fields `number` of the request) that fit in `limit` after `used` bytes, oldest
+    first; at least the first one, so the size returned may exceed the limit. The rest wait for the next item."""
     fields: list[bytes] = []
     for _, event in inbox:
-        field = length_delimited(4, event)
+        field = length_delimited(number, event)
         if fields and used + len(field) > limit:
             break
         fields.append(field)
@@ -184,16 +186,24 @@ def dispatch_entities(
         if not batch:
             walk.passed(seq)
             continue
-        token = _new_token(state)
-        request = b"".join(
+        head = b"".join(
             (
                 length_delimited(1, entity_id.encode("utf-8")),
                 length_delimited(3, length_delimited(1, record["st"].encode("utf-8")))
                 if record["st"] is not None
                 else b"",
-                b"".join(length_delimited(4, raw) for _, raw in batch),
             )
         )
+        operations, size = _fields_that_fit(4, batch, len(head) + _WORK_ITEM_FRAMING, state.max_work_item_bytes)
+        if size > state.max_work_item_bytes:
+            # Its state and its next operation together are more than a worker receives: that operation is
+            # refused (in the next batch), as the stream would otherwise break on it again and again.
+            state.too_large_operations[entity_id] = (batch[0][0], size)
+            walk.left()
+            continue
+        batch = batch[: len(operations)]
+        token = _new_token(state)
+        request = head + b"".join(operations)
         state.add_lease(
             Lease(
                 token=token,

@@ -19,6 +19,7 @@ from partitions.state_machine.entities import (
     apply_entity_message,
     apply_entity_result,
     apply_lock_granted,
+    apply_refuse_operation,
     apply_release_lock,
     apply_signal_entity,
     apply_start_orchestration,
@@ -70,6 +71,7 @@ COMMANDS: dict[str, Handler] = {
     "query": apply_query,
     "query_entities": apply_query_entities,
     "raise": apply_raise_event,
+    "refuse_operation": apply_refuse_operation,  # posted by the partition itself (dispatch.py)
     "release_gateway": apply_release_gateway,
     "release_lock": apply_release_lock,
     "resume": apply_resume,

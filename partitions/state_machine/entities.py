@@ -8,6 +8,7 @@ last one grants the lock to the orchestration. While locked, only calls from the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ from partitions.state_machine.start_instance import create_instance
 from partitions.store.keys import TIMER_ENTITY_RELEASE, TIMER_ENTITY_SIGNAL
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 100
 _OPERATIONS = ("entityOperationSignaled", "entityOperationCalled")
@@ -203,6 +206,30 @@ def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
     advance(ctx, entity_id, record)
     _save(ctx, entity_id, record)
     ctx.reply(cmd)
+
+
+def apply_refuse_operation(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """The entity's state and its next operation are more than a worker receives (dispatch.py found it): the
+    operation is taken off the queue; a call gets the failure, a signal is dropped and logged."""
+    entity_id = cmd["i"]
+    if entity_id in ctx.state.ent_leases:
+        return
+    raw = ctx.txn.get_inbox_key(cmd["k"])
+    if raw is None:
+        return
+    ctx.txn.delete_inbox_key(cmd["k"])
+    event = pb.HistoryEvent.FromString(raw)
+    limit = ctx.state.max_work_item_bytes
+    message = (f"entity '{entity_id}': its state and this operation come to {cmd['b']} bytes, more than the"
+               f" {limit} bytes a worker receives (--max-request-bytes)")
+    if event.HasField("entityOperationCalled"):
+        failure = pb.TaskFailureDetails(errorType="EntityOperationTooLarge", errorMessage=message, isNonRetriable=True)
+        _answer_call(ctx, event.entityOperationCalled, None, failure)
+    else:
+        log.error("%s; the signal is dropped", message)
+    record = _load(ctx, entity_id)
+    advance(ctx, entity_id, record)
+    _save(ctx, entity_id, record)
 
 
 def _answer_call(

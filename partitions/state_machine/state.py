@@ -47,6 +47,9 @@ class CoreState:
     # Ready instances whose next work item cannot be sent, however few new events it carried: instance id ->
     # (execution id, bytes). The process fails them in its next batch (complete_orchestration.py).
     too_large: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Entities whose state and next operation (inbox key) are more than a worker receives: entity id -> (inbox
+    # key, bytes). The process refuses those operations in its next batch (entities.py).
+    too_large_operations: dict[str, tuple[bytes, int]] = field(default_factory=dict)
     seq: int = 0  # last used value of the partition-wide sequence (ready rows, inbox rows, activities)
     outbox_seq: dict[int, int] = field(default_factory=dict)
     orch_leases: dict[str, Lease] = field(default_factory=dict)

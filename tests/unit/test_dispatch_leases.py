@@ -372,3 +372,38 @@ def test_a_batch_that_signals_its_own_entity_keeps_the_lock_granted_meanwhile(co
     with core.read() as txn:
         assert txn.get_entity(ENTITY)["lo"] == holder  # still locked for the holder
     assert core.dispatch_ent() == []  # the signal waits behind the lock
+
+
+def test_entity_operations_that_would_not_fit_wait_for_the_next_batch(core):
+    core.state.max_work_item_bytes = 3_000
+    for n in range(4):
+        core.request({"op": "signal_entity", "i": ENTITY, "n": f"op{n}", "req": f"r{n}", "in": '"' + "x" * 900 + '"'})
+    [(token, item)] = core.dispatch_ent()
+    assert len(item.SerializeToString()) <= 3_000
+    first = operations(item)
+    assert 1 <= len(first) < 4
+    complete_batch(core, token, len(first), "1")
+    [(_, item)] = core.dispatch_ent()
+    assert first + operations(item) == ["op0", "op1", "op2", "op3"]
+
+
+def test_an_entity_call_too_large_for_a_work_item_fails_for_its_caller(core):
+    """State and operation together are more than a worker receives: the call is refused with a failure the
+    orchestration can handle, instead of a work item that would break the worker's stream again and again."""
+    caller = "caller"
+    core.start(caller)
+    called = pb.EntityOperationCalledEvent(
+        requestId="big-1", operation="put", input=wrappers_pb2.StringValue(value='"' + "x" * 5_000 + '"'),
+        parentInstanceId=wrappers_pb2.StringValue(value=caller), targetInstanceId=wrappers_pb2.StringValue(value=ENTITY))
+    core.run_first(caller, [pb.OrchestratorAction(id=1, sendEntityMessage=pb.SendEntityMessageAction(
+        entityOperationCalled=called))])
+    core.state.max_work_item_bytes = 3_000
+    assert core.dispatch_ent() == []
+    [(entity_id, (key, size))] = core.state.too_large_operations.items()
+    assert entity_id == ENTITY and size > 5_000
+
+    core.apply({"op": "refuse_operation", "i": ENTITY, "k": key, "b": size})
+    [failed] = [e.entityOperationFailed for e in core.inbox(caller) if e.HasField("entityOperationFailed")]
+    assert failed.requestId == "big-1" and failed.failureDetails.errorType == "EntityOperationTooLarge"
+    assert core.inbox(ENTITY) == []
+    assert core.dispatch_ent() == []
