@@ -59,6 +59,17 @@ def _statuses(values: Any) -> list[int]:
     return list(values)
 
 
+def _that_fit(messages: list[Any], limit_bytes: int) -> list[Any]:
+    """The first `messages` whose encoding fits in `limit_bytes` (at least one): the SDK's client receives 4 MiB
+    unless configured otherwise, and a page of large inputs, outputs or entity states must not exceed it."""
+    size = 64  # the continuation token, generously
+    for count, message in enumerate(messages):
+        size += message.ByteSize() + 6
+        if size > limit_bytes and count > 0:
+            return messages[:count]
+    return messages
+
+
 def _page_size(requested: int) -> int:
     """Zero or a negative size means the default (and largest) page."""
     return min(requested, MAX_PAGE) if requested > 0 else MAX_PAGE
@@ -93,13 +104,14 @@ class Management:
         merged = list(heapq.merge(*pages, key=order))
         page = merged[:limit]
         more = len(merged) > limit or any(len(p) >= limit for p in pages)
+        states = _that_fit([translate.orchestration_state(s) for s in page], self.config.max_request_bytes)
+        more = more or len(states) < len(page)
+        page = page[: len(states)]
         token = None
         if more and page:
             last = page[-1]
             token = wrappers_pb2.StringValue(value=f"i:{last['i']}" if prefix else f"{last['c']}:{last['i']}")
-        return pb.QueryInstancesResponse(
-            orchestrationState=[translate.orchestration_state(s) for s in page], continuationToken=token
-        )
+        return pb.QueryInstancesResponse(orchestrationState=states, continuationToken=token)
 
     async def list_instance_ids(self, request: pb.ListInstanceIdsRequest, timeout: float) -> pb.ListInstanceIdsResponse:
         limit = _page_size(request.pageSize)
@@ -248,10 +260,11 @@ class Management:
         merged = list(heapq.merge(*pages, key=lambda m: m["i"]))
         page = merged[:limit]
         more = len(merged) > limit or any(len(p) >= limit for p in pages)
+        entities = _that_fit([translate.entity_metadata(m) for m in page], self.config.max_request_bytes)
+        more = more or len(entities) < len(page)
+        page = page[: len(entities)]
         token = wrappers_pb2.StringValue(value=page[-1]["i"]) if more and page else None
-        return pb.QueryEntitiesResponse(
-            entities=[translate.entity_metadata(m) for m in page], continuationToken=token
-        )
+        return pb.QueryEntitiesResponse(entities=entities, continuationToken=token)
 
     async def clean_entities(self, request: pb.CleanEntityStorageRequest, timeout: float) -> pb.CleanEntityStorageResponse:
         """Remove empty entities; release locks whose owning orchestration no longer runs."""

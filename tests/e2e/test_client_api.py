@@ -231,3 +231,21 @@ def test_tags_round_trip(client, raw_stub):
     res = raw_stub.GetInstance(pb.GetInstanceRequest(instanceId=iid, getInputsAndOutputs=True), timeout=DEADLINE_S)
     assert res.exists
     assert dict(res.orchestrationState.tags) == {"team": "e2e", "priority": "high"}
+
+
+@pytest.mark.engine_only
+def test_a_query_with_large_payloads_comes_in_pages_the_client_can_receive(client):
+    """Twelve pending instances with 0.5 MB inputs are 6 MB of payloads, more than the SDK client receives in one
+    message (4 MiB): the engine cuts the page by size and the client follows the continuation token."""
+    prefix = new_id("big-query") + "-"
+    payload = "x" * (512 << 10)
+    ids = {client.schedule_new_orchestration("not_registered_anywhere", input=payload, instance_id=f"{prefix}{n:02d}",
+                                             start_at=datetime.now(UTC) + timedelta(hours=1)) for n in range(12)}
+    try:
+        states = client.get_all_orchestration_states(
+            OrchestrationQuery(instance_id_prefix=prefix, fetch_inputs_and_outputs=True))
+        assert {s.instance_id for s in states} == ids
+        assert all(len(s.serialized_input) > len(payload) for s in states)
+    finally:
+        for instance_id in ids:
+            client.terminate_orchestration(instance_id)
