@@ -27,7 +27,7 @@ from partitions.store.lmdb_store import LmdbStore, StoreTxn
 from runtime import locks
 from runtime.config import Config
 from runtime.errors import DurableRuntimeError
-from runtime.processes import STOP_SIGNAL
+from runtime.processes import STOP_SIGNAL, stop_requested
 from runtime.router.channel import Message, ZmqChannel
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class PartitionProcess:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(STOP_SIGNAL, self.stop)
         self.channel = self.bind()
+        if stop_requested():  # the supervisor said stop while this process was starting
+            self.stop()
         txn = self.store.begin()
         try:
             self.next_timer_ms = txn.next_timer_ms()

@@ -26,14 +26,32 @@ STOP_SIGNAL = signal.SIGUSR1
 EXIT_CANNOT_RUN = 78
 
 
-def become_child(on_parent_death: int = STOP_SIGNAL) -> None:
-    """Ignore the group's SIGTERM/SIGINT, and get `on_parent_death` when the supervisor dies.
+_stop_before_serving = False
 
-    A partition stops cleanly (STOP_SIGNAL). A gateway is killed: a drain would only hold the port for its
-    grace period, waiting for partitions that died with the supervisor, and block the node's restart.
+
+def _note_stop(signum: int, frame: object) -> None:
+    global _stop_before_serving
+    _stop_before_serving = True
+
+
+def stop_requested() -> bool:
+    """Whether STOP_SIGNAL came before serve() took it over: serve() then stops at once, cleanly."""
+    return _stop_before_serving
+
+
+def become_child(on_parent_death: int = STOP_SIGNAL) -> None:
+    """Ignore the group's SIGTERM/SIGINT, note an early STOP_SIGNAL, and get `on_parent_death` when the
+    supervisor dies.
+
+    The supervisor starts children with STOP_SIGNAL blocked, so one sent while Python starts up waits until
+    it is noted here instead of killing the child (an unclean stop). A partition stops cleanly on the
+    supervisor's death (STOP_SIGNAL); a gateway is killed: a drain would only hold the port for its grace,
+    waiting for partitions that died with the supervisor, and block the node's restart.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, _note_stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})
     supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
     die_with_parent(on_parent_death, int(supervisor) if supervisor.isdigit() else None)
 

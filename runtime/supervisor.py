@@ -228,7 +228,12 @@ class Supervisor:
         self.stopping = True
 
     def _start(self, child: Child) -> None:
-        child.process = subprocess.Popen(child.argv(), env=self.env)
+        # The child inherits the blocked STOP_SIGNAL and unblocks it once it can take it (become_child).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
+        try:
+            child.process = subprocess.Popen(child.argv(), env=self.env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)
 

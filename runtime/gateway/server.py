@@ -21,7 +21,7 @@ from runtime.gateway import security
 from runtime.gateway.partition_client import PartitionClient
 from runtime.gateway.servicer import SERVICE_NAME, Servicer, generic_handler
 from runtime.gateway.work_items import WorkDispatcher
-from runtime.processes import STOP_SIGNAL
+from runtime.processes import STOP_SIGNAL, stop_requested
 from runtime.router import channel
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class GatewayServer:
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(STOP_SIGNAL, self.stopped.set)
+        if stop_requested():  # the supervisor said stop while this process was starting
+            self.stopped.set()
         readiness = asyncio.create_task(self._track_readiness(client, health_servicer))
         await self.stopped.wait()
 
