@@ -80,8 +80,16 @@ class PartitionClient:
                 self.channels[partition].send({"op": "unwait", "i": message.get("i"), "rid": rid})
 
     def ready(self) -> bool:
-        """Every partition has answered a heartbeat."""
-        return all(epoch is not None for epoch in self.epochs)
+        """Every partition has answered a heartbeat, and none has been silent for --gateway-timeout-s (after
+        which it would drop this gateway too): requests to a partition that is down, stuck or cut off fail."""
+        if any(epoch is None for epoch in self.epochs):
+            return False
+        silent_since = asyncio.get_running_loop().time() - self.config.gateway_timeout_s
+        return all(heard >= silent_since for heard in self.last_heard)
+
+    def silent_partitions(self) -> list[int]:
+        silent_since = asyncio.get_running_loop().time() - self.config.gateway_timeout_s
+        return [p for p, heard in enumerate(self.last_heard) if heard < silent_since]
 
     def _receive(self, partition: int, messages: list[tuple[bytes | None, Message]]) -> None:
         self.last_heard[partition] = asyncio.get_running_loop().time()

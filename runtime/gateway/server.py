@@ -124,11 +124,14 @@ class GatewayServer:
         await server.stop(grace=_STOP_GRACE_S)
 
     async def _track_readiness(self, client: PartitionClient, health_servicer: health.aio.HealthServicer) -> None:
-        """Readiness: SERVING once every partition answered a heartbeat."""
+        """Readiness: SERVING while every partition answers heartbeats (see PartitionClient.ready)."""
         serving = None
         while True:
             ready = client.ready()
             if ready != serving:
+                if serving and not ready:
+                    log.warning("gateway %d: partition(s) %s silent for %.1fs; health NOT_SERVING until they answer",
+                                self.index, client.silent_partitions(), self.config.gateway_timeout_s)
                 serving = ready
                 status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
                 await health_servicer.set("", status)

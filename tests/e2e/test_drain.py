@@ -7,6 +7,8 @@ the restart and is checked from outside the engine.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -22,6 +24,7 @@ from durabletask.internal import orchestrator_service_pb2_grpc as stubs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .conftest import SHUTDOWN_DEADLINE_S, EngineRuntime, _group_alive
+from .faults_workload import partition_pid
 from .helpers import DEADLINE_S, new_id, new_worker, wait_until
 
 pytestmark = [pytest.mark.crash, pytest.mark.engine_only]
@@ -255,5 +258,27 @@ def test_when_the_supervisor_is_killed_its_gateway_does_not_drain_for_the_grace(
             worker.stop()
             client.close()
         rt.start()  # and the node starts again at once on the same port and data
+    finally:
+        rt.close()
+
+
+def test_health_is_not_serving_while_a_partition_is_silent(tmp_path: Path):
+    """Readiness follows the partitions: one that stops answering (here SIGSTOP) for --gateway-timeout-s makes
+    the gateway NOT_SERVING, since requests for its instances would fail; it serves again once it answers."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--gateway-timeout-s", "2"])
+    try:
+        rt.start()
+        wait_until(lambda: health_status(rt.address) == health_pb2.HealthCheckResponse.SERVING, message="SERVING")
+        stopped = partition_pid(rt, 0)
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            wait_until(lambda: health_status(rt.address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                       message="NOT_SERVING while partition 0 is stopped")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        wait_until(lambda: health_status(rt.address) == health_pb2.HealthCheckResponse.SERVING,
+                   message="SERVING again once partition 0 answers")
+        assert "silent for" in rt.log_path.read_text(errors="replace")
     finally:
         rt.close()
