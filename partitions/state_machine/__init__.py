@@ -112,6 +112,7 @@ def apply(txn: StoreTxn, command: dict[str, Any], now_ms: int, state: CoreState)
         if handler is None:
             raise InvalidArgumentError(f"unknown command {op!r}")
         handler(ctx, command)
+    ctx.run_local()
     return ctx.actions
 
 
@@ -132,6 +133,7 @@ def _apply_delivery(ctx: Ctx, command: dict[str, Any]) -> None:
             break
         if not wiped_since:
             apply_internal(ctx, message)
+            ctx.run_local()
         last = seq
     ctx.txn.put_dedup(sender, last)
     ctx.actions.append(act.AckPartition(sender, last))

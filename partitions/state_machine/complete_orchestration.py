@@ -6,6 +6,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import WAKES_SCHEDULED, WAKES_SUSPENDED, Ctx, Record
+from partitions.state_machine.entities import release_held_locks
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
@@ -103,6 +104,7 @@ def _fail_unapplied(ctx: Ctx, lease: Lease, cmd: dict[str, Any]) -> None:
     ctx.state.release(lease)
     if record is not None and record["x"] == lease.execution_id and record["s"] not in ev.TERMINAL:
         record.pop("kick", None)
+        release_held_locks(ctx, instance_id)  # the unlocks were in the response the engine will not apply
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*cmd["fail"]))
         ctx.save(instance_id, record)
     ctx.reply(cmd)
@@ -122,6 +124,7 @@ def apply_fail_too_large(ctx: Ctx, cmd: dict[str, Any]) -> None:
         f" {limit} bytes a worker receives (--max-request-bytes); keep large payloads out of the history",
     )
     record.pop("kick", None)
+    release_held_locks(ctx, instance_id)
     finish_execution(ctx, instance_id, record, ev.FAILED, None, failure)
     ctx.save(instance_id, record)
 

@@ -31,13 +31,18 @@ class Ctx:
     now_ms: int
     state: CoreState
     actions: list[Any] = field(default_factory=list)
+    # Messages to instances of this partition, applied in this transaction once the handler that sent them
+    # has finished (run_local): applied at once, they would load and save records that the sender still holds
+    # in memory and saves after them, and the sender's stale copy would undo what they did.
+    local: list[dict[str, Any]] = field(default_factory=list)
 
     # placement and messages to other partitions
     def owns(self, instance_id: str) -> bool:
         return partition_for(instance_id, self.state.partition_count) == self.state.partition
 
     def send_to_instance(self, instance_id: str, message: dict[str, Any]) -> None:
-        """Deliver `message` to the partition owning `instance_id`: here at once, elsewhere via the outbox.
+        """Deliver `message` to the partition owning `instance_id`: here in this transaction, once the current
+        handler has finished, elsewhere via the outbox.
 
         The outbox row is written in this transaction, so the message leaves if and only if its cause
         commits; the receiver deduplicates by (sender, seq), which makes the effect exactly-once.
@@ -49,13 +54,21 @@ class Ctx:
         message["i"] = instance_id
         destination = partition_for(instance_id, self.state.partition_count)
         if destination == self.state.partition:
-            from partitions.state_machine import apply_internal  # local import: the dispatcher imports us
-
-            apply_internal(self, message)
+            self.local.append(message)
             return
         seq = self.state.next_outbox_seq(destination)
         self.txn.put_outbox(destination, seq, message)
         self.actions.append(act.SendToPartition(destination))
+
+    def run_local(self) -> None:
+        """Apply the messages sent to instances of this partition, and those they send in turn, in order."""
+        from partitions.state_machine import apply_internal  # local import: the dispatcher imports us
+
+        for _ in range(1_000_000):
+            if not self.local:
+                return
+            apply_internal(self, self.local.pop(0))
+        raise RuntimeError("messages between instances of one partition did not come to an end")
 
     def _undeliverable(self, problem: str, message: dict[str, Any]) -> None:
         """No instance can have such an id: a sub-orchestration fails its parent, the rest is dropped."""

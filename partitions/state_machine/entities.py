@@ -143,7 +143,9 @@ def _lock(ctx: Ctx, record: Record, request: pb.EntityLockRequestedEvent) -> Non
         event = ev.history_event(ctx.now_ms, entityLockRequested=forwarded).SerializeToString()
         ctx.send_to_instance(request.lockSet[following], {"op": "entity_msg", "ev": event})
     else:
-        ctx.send_to_instance(request.parentInstanceId.value, {"op": "lock_granted", "cs": request.criticalSectionId})
+        ctx.send_to_instance(request.parentInstanceId.value, {
+            "op": "lock_granted", "cs": request.criticalSectionId, "ls": list(request.lockSet),
+        })
 
 
 def apply_entity_message(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -197,12 +199,8 @@ def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if event.HasField("entityOperationCalled"):
             outcome = result.results[index] if index < len(result.results) else None
             _answer_call(ctx, event.entityOperationCalled, outcome, result.failureDetails if batch_failed else None)
-    # A signal to this same entity is applied at once (same partition) to the stored record, and may grant a
-    # queued lock: store ours first and read it back after, or its stale copy would overwrite that lock.
-    _save(ctx, entity_id, record)
     for action in result.actions:
-        _apply_operation_action(ctx, action)
-    record = _load(ctx, entity_id)
+        _apply_operation_action(ctx, action)  # one to this entity itself runs after this handler (Ctx.local)
     advance(ctx, entity_id, record)
     _save(ctx, entity_id, record)
     ctx.reply(cmd)
@@ -297,9 +295,12 @@ def apply_entity_result(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_lock_granted(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """Locks granted to an orchestration that has ended (or been purged) meanwhile are released at once: nobody
+    would ever send their unlocks, and every entity of the set would stay locked for good."""
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
     if record is None or record["s"] in ev.TERMINAL:
+        unlock(ctx, instance_id, cmd["cs"], cmd.get("ls") or ())
         return
     granted = pb.EntityLockGrantedEvent(criticalSectionId=cmd["cs"])
     ctx.enqueue_event(instance_id, record, ev.history_event(ctx.now_ms, entityLockGranted=granted).SerializeToString())
@@ -316,3 +317,28 @@ def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
         advance(ctx, cmd["i"], record)
         _save(ctx, cmd["i"], record)
     ctx.reply(cmd, {"released": released})
+
+
+def unlock(ctx: Ctx, instance_id: str, critical_section: str, lock_set: Any) -> None:
+    for entity_id in lock_set:
+        unlocked = pb.EntityUnlockSentEvent(
+            criticalSectionId=critical_section, parentInstanceId=ev.string_value(instance_id),
+            targetInstanceId=ev.string_value(entity_id),
+        )
+        event = ev.history_event(ctx.now_ms, entityUnlockSent=unlocked).SerializeToString()
+        ctx.send_to_instance(entity_id, {"op": "entity_msg", "ev": event})
+
+
+def release_held_locks(ctx: Ctx, instance_id: str) -> None:
+    """The engine ends or replaces an orchestration without its worker's answer (which would carry the unlocks):
+    it releases the critical sections the orchestration holds. A section still being granted is released when
+    its grant arrives and finds the orchestration gone (apply_lock_granted)."""
+    events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
+    events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
+    requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet
+                 for e in events if e.HasField("entityLockRequested")}
+    granted = {e.entityLockGranted.criticalSectionId for e in events if e.HasField("entityLockGranted")}
+    released = {e.entityUnlockSent.criticalSectionId for e in events if e.HasField("entityUnlockSent")}
+    for section, lock_set in requested.items():
+        if section in granted and section not in released:
+            unlock(ctx, instance_id, section, lock_set)

@@ -9,13 +9,17 @@ from partitions.state_machine import actions as act
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
 from tests.unit.conftest import (
+    COMPLETED,
     CONTINUED_AS_NEW,
     FAILED,
     GATEWAY,
     LEASE_MS,
     RUNNING,
     T0,
+    TERMINATED,
     complete,
+    deliver,
+    id_on,
     kinds,
     ms_of,
     of_type,
@@ -407,3 +411,89 @@ def test_an_entity_call_too_large_for_a_work_item_fails_for_its_caller(core):
     assert failed.requestId == "big-1" and failed.failureDetails.errorType == "EntityOperationTooLarge"
     assert core.inbox(ENTITY) == []
     assert core.dispatch_ent() == []
+
+
+def _lock_action(entity_ids: list[str], owner: str, section: str = "cs-1") -> pb.OrchestratorAction:
+    lock = pb.EntityLockRequestedEvent(criticalSectionId=section, lockSet=entity_ids, position=0,
+                                       parentInstanceId=wrappers_pb2.StringValue(value=owner))
+    return pb.OrchestratorAction(id=1, sendEntityMessage=pb.SendEntityMessageAction(entityLockRequested=lock))
+
+
+def _locked_by(core, entity_id: str) -> str | None:
+    with core.read() as txn:
+        record = txn.get_entity(entity_id)
+    return None if record is None else record["lo"]
+
+
+def test_a_lock_granted_to_an_orchestration_that_has_ended_is_released(pair):
+    """The grant travels after the lock request; if the orchestration ended meanwhile, nobody would ever send
+    the unlock, and the entity would stay locked for good."""
+    p0, p1 = pair
+    owner, entity = id_on(0, 2, "owner"), id_on(1, 2, "@counter@k")
+    p0.start(owner)
+    p0.run_first(owner, [_lock_action([entity], owner)])
+    p0.request({"op": "force_terminate", "i": owner})
+    deliver(p0, p1)  # the lock request: the entity locks, and grants
+    assert _locked_by(p1, entity) == owner
+    deliver(p1, p0)  # the grant finds the owner ended: it unlocks
+    deliver(p0, p1)
+    assert _locked_by(p1, entity) is None
+
+
+def test_ending_a_lock_holder_without_its_worker_releases_its_locks(core):
+    """A forced termination (and a failure the engine decides, or a replacement) applies no response from the
+    worker, whose unlock actions would have released the critical section: the engine sends them."""
+    owner = "owner"
+    core.start(owner)
+    core.run_first(owner, [_lock_action([ENTITY], owner)])  # same partition: granted at once
+    assert _locked_by(core, ENTITY) == owner
+    core.request({"op": "force_terminate", "i": owner})
+    assert _locked_by(core, ENTITY) is None
+
+
+def test_clean_releases_a_lock_whose_holder_ended_without_releasing_it(core):
+    """A worker that completes an orchestration inside its critical section without the unlocks (a buggy or
+    foreign SDK) orphans the lock: CleanEntityStorage lists it, and releasing it lets the next request in."""
+    owner, waiter = "owner", "waiter"
+    core.start(owner)
+    core.run_first(owner, [_lock_action([ENTITY], owner)])
+    core.request({"op": "raise", "i": owner, "n": "go"})
+    token, _ = core.dispatch_one(owner)
+    core.complete_orch(owner, token, [complete(2, COMPLETED)])  # no unlock
+    core.start(waiter)
+    core.run_first(waiter, [_lock_action([ENTITY], waiter, "cs-2")])
+    assert _locked_by(core, ENTITY) == owner
+
+    [listed] = replies(core.request({"op": "clean_entities", "empty": False}))
+    assert listed.result["locks"] == [[ENTITY, owner]]
+    [released] = replies(core.request({"op": "release_lock", "i": ENTITY, "owner": owner}))
+    assert released.result == {"released": True}
+    assert _locked_by(core, ENTITY) == waiter
+
+
+def test_a_lock_request_that_outlives_its_terminated_orchestration_leaves_nothing_locked(core):
+    """o2 asks for [A, B] while o1 holds A, and is terminated; its worker's unlocks reach B before the request
+    does (nothing to release there yet). When o1 lets A go, the request locks A and B and the grant finds o2
+    ended: both are released. All on one partition, where one message leads to the next in one transaction."""
+    a, b = "@counter@a", "@counter@b"
+
+    def unlock(owner: str, target: str, section: str, action_id: int) -> pb.OrchestratorAction:
+        sent = pb.EntityUnlockSentEvent(criticalSectionId=section, parentInstanceId=wrappers_pb2.StringValue(value=owner),
+                                        targetInstanceId=wrappers_pb2.StringValue(value=target))
+        return pb.OrchestratorAction(id=action_id, sendEntityMessage=pb.SendEntityMessageAction(entityUnlockSent=sent))
+
+    core.start("o1")
+    core.run_first("o1", [_lock_action([a], "o1", "cs-1")])
+    token, _ = core.dispatch_one("o1")  # the grant
+    core.complete_orch("o1", token, [])
+    core.start("o2")
+    core.run_first("o2", [_lock_action([a, b], "o2", "cs-2")])
+    core.request({"op": "terminate", "i": "o2"})
+    token, _ = core.dispatch_one("o2")
+    core.complete_orch("o2", token, [unlock("o2", a, "cs-2", 2), unlock("o2", b, "cs-2", 3), complete(4, TERMINATED)])
+    assert (_locked_by(core, a), _locked_by(core, b)) == ("o1", None)
+
+    core.request({"op": "raise", "i": "o1", "n": "release"})
+    token, _ = core.dispatch_one("o1")
+    core.complete_orch("o1", token, [unlock("o1", a, "cs-1", 2)])
+    assert (_locked_by(core, a), _locked_by(core, b)) == (None, None)
