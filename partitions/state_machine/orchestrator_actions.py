@@ -7,6 +7,7 @@ Handlers are named `_apply_<proto field name>` and kept in alphabetical order.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
@@ -97,10 +98,15 @@ def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) 
             tags=task.tags,
         ),
     )
+    ctx.queue_activity(activity_row(out.instance_id, out.record["x"], action.id, task))
+
+
+def activity_row(instance_id: str, execution_id: str, task_id: int, task: Any) -> dict[str, Any]:
+    """The queued activity for a scheduleTask action or its taskScheduled event (the fields are the same)."""
     activity = {
-        "i": out.instance_id,
-        "x": out.record["x"],
-        "t": action.id,
+        "i": instance_id,
+        "x": execution_id,
+        "t": task_id,
         "n": task.name,
         "v": task.version.value if task.HasField("version") else None,
         "in": task.input.value if task.HasField("input") else None,
@@ -108,7 +114,7 @@ def _apply_schedule_task(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) 
     }
     if task.HasField("parentTraceContext"):
         activity["tc"] = task.parentTraceContext.SerializeToString()
-    ctx.queue_activity(activity)
+    return activity
 
 
 def _apply_send_entity_message(ctx: Ctx, out: Outcome, action: pb.OrchestratorAction) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record, is_child_of
+from partitions.state_machine.orchestrator_actions import activity_row
 from partitions.state_machine.start_instance import create_instance
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import InstanceNotCompletedError, InstanceNotFoundError
@@ -141,14 +142,5 @@ def _carry_activities(
             ctx.txn.put_activity(seq, activity)
             queued.add(activity["t"])
     for task_id, task in waited_for.items():
-        if task_id in queued:
-            continue
-        activity: dict[str, Any] = {
-            "i": instance_id, "x": record["x"], "t": task_id, "n": task.name,
-            "v": task.version.value if task.HasField("version") else None,
-            "in": task.input.value if task.HasField("input") else None,
-            "tg": dict(task.tags),
-        }
-        if task.HasField("parentTraceContext"):
-            activity["tc"] = task.parentTraceContext.SerializeToString()
-        ctx.queue_activity(activity)
+        if task_id not in queued:
+            ctx.queue_activity(activity_row(instance_id, record["x"], task_id, task))

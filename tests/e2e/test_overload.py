@@ -442,6 +442,11 @@ def ovl_calls_big(ctx: task.OrchestrationContext, _):
     return len((yield ctx.call_activity(ovl_big_result)))
 
 
+def assert_a_small_instance_still_runs(client: TaskHubGrpcClient) -> None:
+    small = client.schedule_new_orchestration(ovl_echo, input={"tag": "t", "pad": "p"}, instance_id=new_id("ovl-small"))
+    assert client.wait_for_orchestration_completion(small, timeout=DEADLINE_S).get_output() == ["t", 1]
+
+
 def test_oversized_completion_fails_the_instance_instead_of_hanging(runtime):
     """The SDK only logs a CompleteOrchestratorTask/CompleteActivityTask that fails (RESOURCE_EXHAUSTED here), so
     the engine must not leave the instance waiting forever on a work item that can never be completed: it ends
@@ -463,9 +468,7 @@ def test_oversized_completion_fails_the_instance_instead_of_hanging(runtime):
                 message=lambda i=iid: f"{i} to end (it is {client.get_orchestration_state(i).runtime_status}: its "
                                       "completion above the request limit was rejected and the work item is held)")
             assert state.runtime_status == OrchestrationStatus.FAILED, (iid, state.runtime_status)
-        small = client.schedule_new_orchestration(ovl_echo, input={"tag": "t", "pad": "p"},
-                                                  instance_id=new_id("ovl-small"))
-        assert client.wait_for_orchestration_completion(small, timeout=DEADLINE_S).get_output() == ["t", 1]
+        assert_a_small_instance_still_runs(client)
     finally:
         w.stop()
         client.close()
@@ -503,9 +506,7 @@ def test_an_instance_whose_work_item_outgrows_the_limit_fails_and_the_worker_goe
         state = client.wait_for_orchestration_completion(big, timeout=DEADLINE_S)
         assert state.runtime_status == OrchestrationStatus.FAILED
         assert state.failure_details.error_type == "WorkItemTooLarge", state.failure_details
-        small = client.schedule_new_orchestration(ovl_echo, input={"tag": "t", "pad": "p"},
-                                                  instance_id=new_id("ovl-small"))
-        assert client.wait_for_orchestration_completion(small, timeout=DEADLINE_S).get_output() == ["t", 1]
+        assert_a_small_instance_still_runs(client)
     finally:
         w.stop()
         client.close()

@@ -65,7 +65,8 @@ def test_an_activity_that_finished_while_the_instance_was_failed_runs_again_afte
     assert [(a["t"], a["n"], a["x"]) for a in core.activities()] == [(1, "Slow", "x-rewound")]
 
 
-def test_a_child_that_completed_while_its_parent_was_failed_reports_again_after_a_rewind(pair):
+def fail_with_child_out(pair) -> tuple[str, str]:
+    """A parent on partition 0 started a child on partition 1 (task 1), then failed on Flaky (task 2)."""
     p0, p1 = pair
     parent, child = id_on(0, 2, "parent"), id_on(1, 2, "child")
     p0.start(parent)
@@ -74,6 +75,12 @@ def test_a_child_that_completed_while_its_parent_was_failed_reports_again_after_
     [(flaky, _)] = p0.dispatch_act()
     p0.complete_act(parent, 2, flaky, failure=BOOM)
     p0.run_first(parent, [complete(3, FAILED, failure=BOOM)])
+    return parent, child
+
+
+def test_a_child_that_completed_while_its_parent_was_failed_reports_again_after_a_rewind(pair):
+    p0, p1 = pair
+    parent, child = fail_with_child_out(pair)
     p1.run_first(child, [complete(0, COMPLETED, '"from child"')])
     deliver(p1, p0)  # dropped: the parent has failed
     rewind(p0, parent, "x-rewound")
@@ -86,13 +93,7 @@ def test_a_child_that_completed_while_its_parent_was_failed_reports_again_after_
 
 def test_a_child_still_running_across_a_rewind_reports_to_the_new_execution(pair):
     p0, p1 = pair
-    parent, child = id_on(0, 2, "parent"), id_on(1, 2, "child")
-    p0.start(parent)
-    p0.run_first(parent, [create_sub(1, "C", child), schedule_task(2, "Flaky")])
-    deliver(p0, p1)
-    [(flaky, _)] = p0.dispatch_act()
-    p0.complete_act(parent, 2, flaky, failure=BOOM)
-    p0.run_first(parent, [complete(3, FAILED, failure=BOOM)])
+    parent, child = fail_with_child_out(pair)
     rewind(p0, parent, "x-rewound")
     deliver(p0, p1)
     assert p1.record(child)["p"][1] == "x-rewound"
