@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -132,6 +133,15 @@ def check_data_dir(config: Config) -> None:
                 f" --partitions {config.partitions} (the partition count of a data directory is fixed)"
             )
         return
+    stores = sorted(name for name in os.listdir(config.data_dir) if re.fullmatch(r"partition-\d{3,}", name))
+    if stores and stores != [os.path.basename(config.partition_data_dir(p)) for p in range(config.partitions)]:
+        # Say, a backup of the partition stores without this file: writing it with another count would make
+        # that count stick, and the partitions (which record theirs too) refuse it, one by one.
+        raise StartupError(
+            f"{path} is missing, and {config.data_dir} holds the stores of {len(stores)} partitions"
+            f" ({stores[0]} to {stores[-1]}); refusing to start with --partitions {config.partitions}. Start with"
+            " the count it was created with, or restore the file"
+        )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"partitions": config.partitions, "format": 1}, f)

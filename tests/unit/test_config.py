@@ -224,3 +224,17 @@ def test_a_corrupt_layout_file_is_a_startup_error_not_a_traceback(tmp_path: Path
     (tmp_path / LAYOUT_FILE).write_text("{garbage")
     with pytest.raises(StartupError, match=f"cannot read .*{LAYOUT_FILE}.*partition count"):
         check_data_dir(Config(data_dir=str(tmp_path), partitions=2))
+
+
+def test_a_missing_layout_file_is_not_rewritten_with_another_count(tmp_path: Path) -> None:
+    """Partition stores without the layout file (a backup of the stores alone): only their own count may write
+    the file again; another would stick, and every partition would then refuse the node."""
+    from runtime.supervisor import LAYOUT_FILE, StartupError, check_data_dir
+
+    for p in range(3):
+        (tmp_path / f"partition-{p:03d}").mkdir()
+    with pytest.raises(StartupError, match="holds the stores of 3 partitions"):
+        check_data_dir(Config(data_dir=str(tmp_path), partitions=2))
+    assert not (tmp_path / LAYOUT_FILE).exists()
+    check_data_dir(Config(data_dir=str(tmp_path), partitions=3))
+    assert (tmp_path / LAYOUT_FILE).exists()
