@@ -205,6 +205,10 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     # Children belong to the execution that started them, as in its history: an eternal orchestration's list
     # would otherwise grow for ever, and a recursive terminate or purge reach every past generation's children.
     record["ch"] = []
+    # So do its critical sections: held ones are released, and a grant still to come will release itself.
+    pending_sections = release_held_locks(ctx, instance_id)
+    if pending_sections:
+        record["lx"] = [*record.get("lx", ()), *pending_sections]
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)
     record["hl"] = 0

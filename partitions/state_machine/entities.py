@@ -295,12 +295,18 @@ def apply_entity_result(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_lock_granted(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Locks granted to an orchestration that has ended (or been purged) meanwhile are released at once: nobody
-    would ever send their unlocks, and every entity of the set would stay locked for good."""
+    """Locks granted to an orchestration that has ended (or been purged), or to an execution that has continued
+    as new, are released at once: nobody would ever send their unlocks, and every entity of the set would stay
+    locked for good."""
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
     if record is None or record["s"] in ev.TERMINAL:
         unlock(ctx, instance_id, cmd["cs"], cmd.get("ls") or ())
+        return
+    if cmd["cs"] in record.get("lx", ()):  # asked for by an execution that has since continued as new
+        record["lx"].remove(cmd["cs"])
+        unlock(ctx, instance_id, cmd["cs"], cmd.get("ls") or ())
+        ctx.save(instance_id, record)
         return
     granted = pb.EntityLockGrantedEvent(criticalSectionId=cmd["cs"])
     ctx.enqueue_event(instance_id, record, ev.history_event(ctx.now_ms, entityLockGranted=granted).SerializeToString())
@@ -329,10 +335,11 @@ def unlock(ctx: Ctx, instance_id: str, critical_section: str, lock_set: Any) -> 
         ctx.send_to_instance(entity_id, {"op": "entity_msg", "ev": event})
 
 
-def release_held_locks(ctx: Ctx, instance_id: str) -> None:
-    """The engine ends or replaces an orchestration without its worker's answer (which would carry the unlocks):
-    it releases the critical sections the orchestration holds. A section still being granted is released when
-    its grant arrives and finds the orchestration gone (apply_lock_granted)."""
+def release_held_locks(ctx: Ctx, instance_id: str) -> list[str]:
+    """The engine ends or replaces an orchestration without its worker's answer (which would carry the unlocks),
+    or it continues as new: the critical sections its execution holds are released. Returns those it has asked
+    for and not been granted yet: a grant that finds the orchestration ended releases itself (apply_lock_granted);
+    one that finds a later execution must be told (see the record's "lx")."""
     events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
     events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
     requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet
@@ -342,3 +349,6 @@ def release_held_locks(ctx: Ctx, instance_id: str) -> None:
     for section, lock_set in requested.items():
         if section in granted and section not in released:
             unlock(ctx, instance_id, section, lock_set)
+    # Not granted yet, whether or not the worker sent its unlocks: those reach the later entities of the set
+    # before the request does, and release nothing there.
+    return [section for section in requested if section not in granted]

@@ -497,3 +497,35 @@ def test_a_lock_request_that_outlives_its_terminated_orchestration_leaves_nothin
     token, _ = core.dispatch_one("o1")
     core.complete_orch("o1", token, [unlock("o1", a, "cs-1", 2)])
     assert (_locked_by(core, a), _locked_by(core, b)) == (None, None)
+
+
+def test_a_lock_granted_after_its_orchestration_continued_as_new_is_released(core):
+    """The new execution never asked for it and ignores the grant: the engine releases the set instead."""
+    a, b = "@counter@a", "@counter@b"
+    core.start("o1")
+    core.run_first("o1", [_lock_action([a], "o1", "cs-1")])
+    token, _ = core.dispatch_one("o1")
+    core.complete_orch("o1", token, [])
+    core.start("o2")
+    core.run_first("o2", [_lock_action([a, b], "o2", "cs-2")])  # waits behind o1 at A
+    core.request({"op": "raise", "i": "o2", "n": "next"})
+    token, _ = core.dispatch_one("o2")
+    gives_up = [pb.OrchestratorAction(id=n, sendEntityMessage=pb.SendEntityMessageAction(
+        entityUnlockSent=pb.EntityUnlockSentEvent(
+            criticalSectionId="cs-2", parentInstanceId=wrappers_pb2.StringValue(value="o2"),
+            targetInstanceId=wrappers_pb2.StringValue(value=target))))
+        for n, target in ((2, a), (3, b))]  # as the SDK does: they reach B before the request, and do nothing
+    core.complete_orch("o2", token, [*gives_up, complete(4, CONTINUED_AS_NEW, '"again"')])
+    assert core.record("o2")["lx"] == ["cs-2"]
+    token, _ = core.dispatch_one("o2")  # the new execution's first turn: it asks for no lock
+    core.complete_orch("o2", token, [])
+
+    core.request({"op": "raise", "i": "o1", "n": "release"})
+    token, _ = core.dispatch_one("o1")
+    sent = pb.EntityUnlockSentEvent(criticalSectionId="cs-1", parentInstanceId=wrappers_pb2.StringValue(value="o1"),
+                                    targetInstanceId=wrappers_pb2.StringValue(value=a))
+    core.complete_orch("o1", token, [pb.OrchestratorAction(id=2, sendEntityMessage=pb.SendEntityMessageAction(
+        entityUnlockSent=sent))])  # A goes to o2's request, then B; the grant finds o2 continued as new
+    assert (_locked_by(core, a), _locked_by(core, b)) == (None, None)
+    assert "entityLockGranted" not in kinds(core.inbox("o2"))
+    assert not core.record("o2").get("lx")
