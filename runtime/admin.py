@@ -219,7 +219,16 @@ class Admin:
 
 
 def read_token(args: argparse.Namespace) -> str:
-    return Path(args.api_token_file).read_text(encoding="utf-8").strip() if args.api_token_file else args.api_token
+    """The API token, from its file or the flag/variable, without surrounding whitespace (as the node reads it).
+    gRPC metadata is printable ASCII: anything else is a usage error here, not an INTERNAL error from gRPC."""
+    try:
+        token = (Path(args.api_token_file).read_text(encoding="utf-8") if args.api_token_file else args.api_token or "")
+    except UnicodeDecodeError:
+        raise ValueError(f"--api-token-file {args.api_token_file} is not UTF-8 text") from None
+    token = token.strip()
+    if token and not (token.isascii() and token.isprintable()):
+        raise ValueError("the API token must be printable ASCII (it travels as gRPC metadata)")
+    return token
 
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
@@ -502,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     check_usage(a)
     try:
         admin = Admin(a)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

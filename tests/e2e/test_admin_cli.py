@@ -460,3 +460,10 @@ def test_tls_mutual_tls_and_token(secure_runtime):
                              "--api-token", TOKEN, "--timeout", "5")
     assert no_client_cert.returncode == 1 and no_client_cert.stderr.startswith("error: "), no_client_cert
     assert "Traceback" not in plaintext.stderr + no_client_cert.stderr
+
+    padded = run_cli(rt.address, "instances", "list", *tls, env={"DURABLE_RUNTIME_API_TOKEN": f" {TOKEN}\n"})
+    assert padded.returncode == 0, padded  # surrounding whitespace is not part of the token, as for the node
+    for bad, why in ((b"\xff\xfe", "not UTF-8 text"), ("tökén-tökén-tökén".encode(), "printable ASCII")):
+        token_file.write_bytes(bad)
+        refused = run_cli(rt.address, "instances", "list", *tls, "--api-token-file", str(token_file))
+        assert refused.returncode == 2 and why in refused.stderr and "Traceback" not in refused.stderr, refused
