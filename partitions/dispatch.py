@@ -32,18 +32,40 @@ class _Walk:
 
     The mark only moves over rows that are leased (or stale), never past a row left for another
     worker, so a worker with filters cannot hide work from the others.
+
+    A worker with filters also goes on where its last walk stopped, until a walk reaches the end of the
+    rows: with more than SCAN_BUDGET rows it does not accept ahead of its own (work for a version no
+    worker runs any more, say), starting at the mark every time would never reach them.
     """
 
-    def __init__(self, state: CoreState, attr: str) -> None:
+    def __init__(self, state: CoreState, attr: str, matches: Matcher = None) -> None:
         self.state, self.attr, self.contiguous, self.seen = state, attr, True, 0
+        self.key = None if matches is None else (attr, id(matches))
+        self.previous: int | None = None  # the last row this walk looked at in full
+        self.current: int | None = None
 
     @property
     def mark(self) -> int:
         return getattr(self.state, self.attr)
 
-    def tick(self) -> bool:
+    @property
+    def start(self) -> int:
+        resume = self.state.scan_resume.get(self.key) if self.key is not None else None
+        return self.mark if resume is None else max(self.mark, resume)
+
+    def tick(self, seq: int) -> bool:
+        self.previous, self.current = self.current, seq
         self.seen += 1
         return self.seen <= SCAN_BUDGET
+
+    def pause(self) -> None:
+        """The walk stops early (its budget or its limit): the next one for these filters goes on from here."""
+        if self.key is not None and self.previous is not None:
+            self.state.scan_resume[self.key] = self.previous
+
+    def reached_end(self) -> None:
+        if self.key is not None:
+            self.state.scan_resume.pop(self.key, None)
 
     def passed(self, seq: int) -> None:
         if self.contiguous:
@@ -58,9 +80,10 @@ def dispatch_orchestrations(
 ) -> list[tuple[str, bytes]]:
     """Lease up to `limit` ready orchestrations (that `matches` accepts) to `gateway`, oldest first."""
     items: list[tuple[str, bytes]] = []
-    walk = _Walk(state, "orch_cursor")
-    for seq, instance_id in txn.orch_ready_after(walk.mark):
-        if len(items) >= limit or not walk.tick():
+    walk = _Walk(state, "orch_cursor", matches)
+    for seq, instance_id in txn.orch_ready_after(walk.start):
+        if len(items) >= limit or not walk.tick(seq):
+            walk.pause()
             break
         record = txn.get_instance(instance_id)
         if instance_id in state.orch_leases or record is None or record.get("rq") != seq:
@@ -106,6 +129,8 @@ def dispatch_orchestrations(
         )
         walk.passed(seq)
         items.append((token, length_delimited(1, request) + length_delimited(10, token.encode())))
+    else:
+        walk.reached_end()
     return items
 
 
@@ -132,9 +157,10 @@ def dispatch_activities(
 ) -> list[tuple[str, bytes]]:
     """Lease up to `limit` queued activities (that `matches` accepts) to `gateway`, oldest first."""
     items: list[tuple[str, bytes]] = []
-    walk = _Walk(state, "act_cursor")
-    for seq, activity in txn.activities_after(walk.mark):
-        if len(items) >= limit or not walk.tick():
+    walk = _Walk(state, "act_cursor", matches)
+    for seq, activity in txn.activities_after(walk.start):
+        if len(items) >= limit or not walk.tick(seq):
+            walk.pause()
             break
         if seq in state.act_leases:
             walk.passed(seq)
@@ -158,6 +184,8 @@ def dispatch_activities(
         state.add_lease(Lease(token=token, kind="a", key=seq, gateway=gateway, expires_ms=now_ms + lease_ms))
         walk.passed(seq)
         items.append((token, pb.WorkItem(activityRequest=request, completionToken=token).SerializeToString()))
+    else:
+        walk.reached_end()
     return items
 
 
@@ -171,9 +199,10 @@ def dispatch_entities(
 ) -> list[tuple[str, bytes]]:
     """Lease up to `limit` entities with runnable operations; each gets one batch (EntityRequest)."""
     items: list[tuple[str, bytes]] = []
-    walk = _Walk(state, "ent_cursor")
-    for seq, entity_id in txn.ent_ready_after(walk.mark):
-        if len(items) >= limit or not walk.tick():
+    walk = _Walk(state, "ent_cursor", matches)
+    for seq, entity_id in txn.ent_ready_after(walk.start):
+        if len(items) >= limit or not walk.tick(seq):
+            walk.pause()
             break
         record = txn.get_entity(entity_id)
         if entity_id in state.ent_leases or record is None or record.get("rq") != seq:
@@ -216,6 +245,8 @@ def dispatch_entities(
         )
         walk.passed(seq)
         items.append((token, length_delimited(5, request) + length_delimited(10, token.encode())))
+    else:
+        walk.reached_end()
     return items
 
 

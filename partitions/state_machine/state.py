@@ -57,6 +57,7 @@ class CoreState:
     ent_leases: dict[str, Lease] = field(default_factory=dict)
     leases_by_token: dict[str, Lease] = field(default_factory=dict)
     orch_cursor: int = 0  # orch_ready rows at or before this seq have been dispatched
+    scan_resume: dict[tuple[str, int], int] = field(default_factory=dict)  # where a filtered walk goes on (dispatch._Walk)
     act_cursor: int = 0
     ent_cursor: int = 0
     next_token: int = 0

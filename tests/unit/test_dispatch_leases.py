@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import wrappers_pb2
 
+from partitions import dispatch
 from partitions.state_machine import actions as act
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
@@ -529,3 +530,26 @@ def test_a_lock_granted_after_its_orchestration_continued_as_new_is_released(cor
     assert (_locked_by(core, a), _locked_by(core, b)) == (None, None)
     assert "entityLockGranted" not in kinds(core.inbox("o2"))
     assert not core.record("o2").get("lx")
+
+
+def test_a_filtered_worker_reaches_its_work_behind_more_rows_than_one_walk_looks_at(core, monkeypatch):
+    """Work no connected worker accepts (say, for a version none runs any more) piles up ahead: a worker with
+    filters goes on where its last walk stopped instead of looking at the same rows again every time."""
+    monkeypatch.setattr(dispatch, "SCAN_BUDGET", 5)
+    for n in range(12):
+        core.start(f"old-{n:02d}", name="Old")
+    core.start("new-1", name="New")
+    core.start("new-2", name="New")
+    accepts_new = dispatch.matcher({"New": []})
+    dispatched: list[str] = []
+    for _ in range(10):  # bounded: each walk looks at 5 rows at most
+        with core.read() as txn:
+            items = dispatch.dispatch_orchestrations(txn, core.state, GATEWAY, 10, core.now, LEASE_MS, accepts_new)
+        dispatched += [pb.WorkItem.FromString(raw).orchestratorRequest.instanceId for _, raw in items]
+        if len(dispatched) == 2:
+            break
+    assert sorted(dispatched) == ["new-1", "new-2"]
+    with core.read() as txn:  # and the rows nobody took are still all there for an Old worker
+        old = dispatch.dispatch_orchestrations(txn, core.state, GATEWAY, 100, core.now, LEASE_MS,
+                                               dispatch.matcher({"Old": []}))
+    assert len(old) == 5  # one walk's worth; the next walks go on from there
