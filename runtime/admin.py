@@ -502,6 +502,10 @@ def check_usage(a: argparse.Namespace) -> None:
             a.parser.error("give an instance id, or a filter: --status, --created-from and/or --created-to")
     if bool(a.tls_client_cert_file) != bool(a.tls_client_key_file):
         a.parser.error("--tls-client-cert-file and --tls-client-key-file go together")
+    if (a.tls_client_cert_file or a.tls_server_name) and not a.tls_ca_file:
+        # Without it the connection would be plaintext, and these flags silently unused.
+        a.parser.error("--tls-client-cert-file and --tls-server-name need --tls-ca-file (the CA that signed the node's"
+                       " certificate)")
     if a.timeout <= 0:
         a.parser.error("--timeout must be positive")
 

@@ -168,6 +168,10 @@ def test_list_usage_errors(cli):
     assert "positive integer" in cli("instances", "list", "--limit", "0", rc=2).stderr
     cli("instances", rc=2)
     cli("instances", "frobnicate", rc=2)
+    # TLS flags without the CA file would otherwise be dropped, and the connection made in plaintext.
+    assert "need --tls-ca-file" in cli("instances", "list", "--tls-server-name", "node-1", rc=2).stderr
+    assert "need --tls-ca-file" in cli("instances", "list", "--tls-client-cert-file", "c.pem",
+                                       "--tls-client-key-file", "c.key", rc=2).stderr
 
 
 def test_show_text_json_and_payloads(client, cli):
