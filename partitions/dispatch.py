@@ -109,7 +109,7 @@ def dispatch_orchestrations(
         if size > state.max_work_item_bytes:
             # No worker with the default receive limit could take it, and its stream would break for every item
             # on it, again and again: the instance fails instead (in the next batch), saying why.
-            state.too_large[instance_id] = (record["x"], size)
+            state.oversized[("o", instance_id)] = {"op": "fail_too_large", "i": instance_id, "x": record["x"], "b": size}
             walk.left()
             continue
         inbox = inbox[: len(new_events)]
@@ -227,7 +227,7 @@ def dispatch_entities(
         if size > state.max_work_item_bytes:
             # Its state and its next operation together are more than a worker receives: that operation is
             # refused (in the next batch), as the stream would otherwise break on it again and again.
-            state.too_large_operations[entity_id] = (batch[0][0], size)
+            state.oversized[("e", entity_id)] = {"op": "refuse_operation", "i": entity_id, "k": batch[0][0], "b": size}
             walk.left()
             continue
         batch = batch[: len(operations)]

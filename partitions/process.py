@@ -232,13 +232,9 @@ class PartitionProcess:
                 self.work_changed = False
                 self.dispatch_work(txn, now)
                 self.report_demand(txn)
-            if self.state.too_large or self.state.too_large_operations:
-                too_large, self.state.too_large = self.state.too_large, {}
-                for instance_id, (execution_id, size) in too_large.items():
-                    self.pending.append((None, {"op": "fail_too_large", "i": instance_id, "x": execution_id, "b": size}))
-                too_large_operations, self.state.too_large_operations = self.state.too_large_operations, {}
-                for entity_id, (key, size) in too_large_operations.items():
-                    self.pending.append((None, {"op": "refuse_operation", "i": entity_id, "k": key, "b": size}))
+            if self.state.oversized:
+                oversized, self.state.oversized = self.state.oversized, {}
+                self.pending.extend((None, command) for command in oversized.values())
                 self.channel.wake()
             if self.timers_fired:
                 self.timers_fired = False

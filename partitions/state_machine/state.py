@@ -7,6 +7,7 @@ ready again), waiters are re-registered by the gateways, and counters are persis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from partitions.store import keys
 from partitions.store.lmdb_store import StoreTxn
@@ -44,12 +45,10 @@ class CoreState:
     epoch: int
     max_history_events: int = 100_000
     max_work_item_bytes: int = 4 << 20  # what an SDK worker receives by default (gRPC's 4 MiB)
-    # Ready instances whose next work item cannot be sent, however few new events it carried: instance id ->
-    # (execution id, bytes). The process fails them in its next batch (complete_orchestration.py).
-    too_large: dict[str, tuple[str, int]] = field(default_factory=dict)
-    # Entities whose state and next operation (inbox key) are more than a worker receives: entity id -> (inbox
-    # key, bytes). The process refuses those operations in its next batch (entities.py).
-    too_large_operations: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    # Work dispatch found too large for any work item (dispatch.py), keyed by (kind, instance or entity id): the
+    # command the process applies in its next batch, which fails the instance (fail_too_large) or refuses the
+    # entity's operation (refuse_operation).
+    oversized: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     seq: int = 0  # last used value of the partition-wide sequence (ready rows, inbox rows, activities)
     outbox_seq: dict[int, int] = field(default_factory=dict)
     orch_leases: dict[str, Lease] = field(default_factory=dict)

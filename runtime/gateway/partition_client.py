@@ -82,10 +82,7 @@ class PartitionClient:
     def ready(self) -> bool:
         """Every partition has answered a heartbeat, and none has been silent for --gateway-timeout-s (after
         which it would drop this gateway too): requests to a partition that is down, stuck or cut off fail."""
-        if any(epoch is None for epoch in self.epochs):
-            return False
-        silent_since = asyncio.get_running_loop().time() - self.config.gateway_timeout_s
-        return all(heard >= silent_since for heard in self.last_heard)
+        return all(epoch is not None for epoch in self.epochs) and not self.silent_partitions()
 
     def silent_partitions(self) -> list[int]:
         silent_since = asyncio.get_running_loop().time() - self.config.gateway_timeout_s

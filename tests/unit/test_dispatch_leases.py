@@ -345,10 +345,12 @@ def test_an_instance_whose_next_work_item_cannot_fit_fails_saying_why(core):
     core.request({"op": "raise", "i": "a", "n": "big", "in": '"' + "x" * 5_000 + '"'})
     core.state.max_work_item_bytes = 3_000
     assert core.dispatch_orch() == []
-    [(instance_id, (execution_id, size))] = core.state.too_large.items()
-    assert instance_id == "a" and execution_id == core.record("a")["x"] and size > 5_000
+    [(key, command)] = core.state.oversized.items()
+    size = command["b"]
+    assert key == ("o", "a") and command == {"op": "fail_too_large", "i": "a", "x": core.record("a")["x"], "b": size}
+    assert size > 5_000
 
-    core.apply({"op": "fail_too_large", "i": "a", "x": execution_id, "b": size})
+    core.apply(command)
     record = core.record("a")
     assert record["s"] == FAILED
     failure = pb.TaskFailureDetails.FromString(record["fd"])
@@ -404,10 +406,11 @@ def test_an_entity_call_too_large_for_a_work_item_fails_for_its_caller(core):
         entityOperationCalled=called))])
     core.state.max_work_item_bytes = 3_000
     assert core.dispatch_ent() == []
-    [(entity_id, (key, size))] = core.state.too_large_operations.items()
-    assert entity_id == ENTITY and size > 5_000
+    [(key, command)] = core.state.oversized.items()
+    assert key == ("e", ENTITY) and command["op"] == "refuse_operation" and command["i"] == ENTITY
+    assert command["b"] > 5_000
 
-    core.apply({"op": "refuse_operation", "i": ENTITY, "k": key, "b": size})
+    core.apply(command)
     [failed] = [e.entityOperationFailed for e in core.inbox(caller) if e.HasField("entityOperationFailed")]
     assert failed.requestId == "big-1" and failed.failureDetails.errorType == "EntityOperationTooLarge"
     assert core.inbox(ENTITY) == []
