@@ -7,10 +7,12 @@ the restart and is checked from outside the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -196,28 +198,36 @@ def test_sigterm_drains_in_flight_activity_then_restart_continues(fresh_runtime:
         client.close()
 
 
+@contextlib.contextmanager
+def gated_activity_running(rt: EngineRuntime, tmp_path: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+    """An instance of `gated_then_event` whose activity has started and waits for its gate, with the worker
+    running it: (its id, the executions log). On the way out the gate opens and the worker and client stop."""
+    gate, log = tmp_path / "gate", tmp_path / "executions"
+    tag = new_id(prefix)
+    worker = new_worker(rt.address, ORCHESTRATORS, ACTIVITIES)
+    client = TaskHubGrpcClient(host_address=rt.address)
+    try:
+        client.schedule_new_orchestration(gated_then_event, input={"gate": str(gate), "log": str(log), "tag": tag},
+                                          instance_id=tag)
+        wait_until(lambda: executions(log) == 1, message="the gated activity to start")
+        yield tag, log
+    finally:
+        gate.touch()
+        worker.stop()
+        client.close()
+
+
 def test_drain_grace_bounds_the_wait_and_unfinished_work_runs_again(tmp_path: Path):
     grace_s = 1.0
     rt = EngineRuntime(tmp_path / "data", extra_args=["--drain-grace-s", str(grace_s)])
-    gate, log = tmp_path / "gate", tmp_path / "executions"
-    tag = new_id("grace")
-    inp = {"gate": str(gate), "log": str(log), "tag": tag}
     try:
         rt.start()
-        worker = new_worker(rt.address, ORCHESTRATORS, ACTIVITIES)
-        client = TaskHubGrpcClient(host_address=rt.address)
-        try:
-            iid = client.schedule_new_orchestration(gated_then_event, input=inp, instance_id=tag)
-            wait_until(lambda: executions(log) == 1, message="the gated activity to start")
+        with gated_activity_running(rt, tmp_path, "grace") as (iid, log):
             stopper = Terminator(rt).start()
             code = stopper.join()  # the gate stays shut: the drain gives up after the grace
             assert code == 0, f"exit code {code}\n{rt.log_tail()}"
             assert stopper.elapsed_s < grace_s + 10, stopper.elapsed_s
             assert "drain grace" in rt.log_tail(), rt.log_tail()
-        finally:
-            gate.touch()
-            worker.stop()
-            client.close()
 
         rt.start()
         with TaskHubGrpcClient(host_address=rt.address) as client:
@@ -227,7 +237,7 @@ def test_drain_grace_bounds_the_wait_and_unfinished_work_runs_again(tmp_path: Pa
                 client.raise_orchestration_event(iid, "go", data="x")
                 state = client.wait_for_orchestration_completion(iid, timeout=DEADLINE_S)
                 assert state.runtime_status == OrchestrationStatus.COMPLETED, state.failure_details
-                assert state.get_output() == [f"done-{tag}", "x"]
+                assert state.get_output() == [f"done-{iid}", "x"]
             finally:
                 worker.stop()
     finally:
@@ -238,25 +248,14 @@ def test_when_the_supervisor_is_killed_its_gateway_does_not_drain_for_the_grace(
     """The partitions die with the supervisor, so a drain could only hold the port (and block the node's
     restart) for its grace, waiting for work that can no longer be committed: the gateway goes at once."""
     rt = EngineRuntime(tmp_path / "data", extra_args=["--drain-grace-s", "600"])
-    gate, log = tmp_path / "gate", tmp_path / "executions"
-    tag = new_id("orphan")
-    inp = {"gate": str(gate), "log": str(log), "tag": tag}
     try:
         rt.start()
-        worker = new_worker(rt.address, ORCHESTRATORS, ACTIVITIES)
-        client = TaskHubGrpcClient(host_address=rt.address)
-        try:
-            client.schedule_new_orchestration(gated_then_event, input=inp, instance_id=tag)
-            wait_until(lambda: executions(log) == 1, message="the gated activity to start")
+        with gated_activity_running(rt, tmp_path, "orphan"):
             assert rt.proc is not None and rt.pgid is not None
             rt.proc.kill()  # the supervisor alone
             rt.proc.wait(timeout=SHUTDOWN_DEADLINE_S)
             wait_until(lambda: not _group_alive(rt.pgid), timeout=SHUTDOWN_DEADLINE_S,
                        message="the supervisor's children to go (a draining gateway would stay for 600 s)")
-        finally:
-            gate.touch()
-            worker.stop()
-            client.close()
         rt.start()  # and the node starts again at once on the same port and data
     finally:
         rt.close()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -194,30 +195,45 @@ DONE = pb.OrchestratorAction(id=0, completeOrchestration=pb.CompleteOrchestratio
     orchestrationStatus=pb.ORCHESTRATION_STATUS_COMPLETED))
 
 
-def test_an_expired_lease_frees_its_slot_on_the_stream(tmp_path: Path):
-    """A stream with room for one orchestration holds an item and never completes it (the SDK only logs a
-    completion that failed). When the lease runs out the item goes back to the queue, and the gateway frees the
-    stream's slot, so the stream gets work again instead of being one slot short for as long as it lives."""
-    rt = EngineRuntime(tmp_path / "data", extra_args=["--lease-timeout-s", "1"])
+@contextlib.contextmanager
+def runtime_with_stream(tmp_path: Path, request: pb.GetWorkItemsRequest, *flags: str) -> Iterator[tuple[Any, RawStream]]:
+    """A runtime of the test's own (started with `flags`), a stub and one raw worker stream on it."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=list(flags))
     rt.start()
     try:
         with grpc.insecure_channel(rt.address) as channel:
-            stub = stubs.TaskHubSidecarServiceStub(channel)
-            stream = RawStream(channel, pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=1))
+            stream = RawStream(channel, request)
             try:
-                ids = {new_id("held"), new_id("held")}
-                for instance_id in ids:
-                    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="held"),
-                                       timeout=DEADLINE_S)
-                first = stream.next()  # the one slot is taken, and this item is never completed
-                second = stream.next()  # arrives only once the first one's lease has expired
-                assert first.orchestratorRequest.instanceId in ids and second.orchestratorRequest.instanceId in ids
-                assert second.completionToken != first.completionToken
-                complete(stub, second, DONE)
+                yield stubs.TaskHubSidecarServiceStub(channel), stream
             finally:
                 stream.close()
     finally:
         rt.close()
+
+
+def start_with_one_activity(stub: Any, stream: RawStream, instance_id: str, activity: str) -> Any:
+    """Start `instance_id`, answer its first turn with scheduleTask(`activity`) as task 1: the activity work item."""
+    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name=instance_id), timeout=DEADLINE_S)
+    complete(stub, stream.next(), pb.OrchestratorAction(id=1, scheduleTask=pb.ScheduleTaskAction(name=activity)))
+    item = stream.next()
+    assert item.activityRequest.name == activity, item
+    return item
+
+
+def test_an_expired_lease_frees_its_slot_on_the_stream(tmp_path: Path):
+    """A stream with room for one orchestration holds an item and never completes it (the SDK only logs a
+    completion that failed). When the lease runs out the item goes back to the queue, and the gateway frees the
+    stream's slot, so the stream gets work again instead of being one slot short for as long as it lives."""
+    request = pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=1)
+    with runtime_with_stream(tmp_path, request, "--lease-timeout-s", "1") as (stub, stream):
+        ids = {new_id("held"), new_id("held")}
+        for instance_id in ids:
+            stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="held"), timeout=DEADLINE_S)
+        first = stream.next()  # the one slot is taken, and this item is never completed
+        second = stream.next()  # arrives only once the first one's lease has expired
+        assert first.orchestratorRequest.instanceId in ids and second.orchestratorRequest.instanceId in ids
+        assert second.completionToken != first.completionToken
+        complete(stub, second, DONE)
 
 
 def test_an_activity_and_an_entity_batch_held_by_a_stream_outlive_their_lease_timeout(tmp_path: Path):
@@ -225,88 +241,61 @@ def test_an_activity_and_an_entity_batch_held_by_a_stream_outlive_their_lease_ti
     by partition), so an activity or an entity batch runs as long as its stream holds it: with a 1 s lease
     timeout, neither is sent again while a 2.5 s durable timer of another instance runs out, and their
     completions are then accepted."""
-    rt = EngineRuntime(tmp_path / "data", extra_args=["--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1"])
-    rt.start()
-    try:
-        with grpc.insecure_channel(rt.address) as channel:
-            stub = stubs.TaskHubSidecarServiceStub(channel)
-            stream = RawStream(channel, pb.GetWorkItemsRequest(
-                maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10,
-                maxConcurrentEntityWorkItems=10))
-            try:
-                held, clock, entity_id = new_id("held"), new_id("clock"), f"@counter@{new_id('held')}"
-                stub.StartInstance(pb.CreateInstanceRequest(instanceId=held, name="held"), timeout=DEADLINE_S)
-                complete(stub, stream.next(), pb.OrchestratorAction(
-                    id=1, scheduleTask=pb.ScheduleTaskAction(name="slow")))
-                activity = stream.next()
-                assert activity.HasField("activityRequest")
-                stub.SignalEntity(pb.SignalEntityRequest(instanceId=entity_id, name="add", requestId="r1",
-                                                         input=wrappers_pb2.StringValue(value="5")), timeout=DEADLINE_S)
-                batch = stream.next()
-                assert batch.entityRequestV2.instanceId == entity_id, batch
+    request = pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10,
+                                     maxConcurrentEntityWorkItems=10)
+    flags = ("--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1")
+    with runtime_with_stream(tmp_path, request, *flags) as (stub, stream):
+        held, clock, entity_id = new_id("held"), new_id("clock"), f"@counter@{new_id('held')}"
+        activity = start_with_one_activity(stub, stream, held, "slow")
+        stub.SignalEntity(pb.SignalEntityRequest(instanceId=entity_id, name="add", requestId="r1",
+                                                 input=wrappers_pb2.StringValue(value="5")), timeout=DEADLINE_S)
+        batch = stream.next()
+        assert batch.entityRequestV2.instanceId == entity_id, batch
 
-                stub.StartInstance(pb.CreateInstanceRequest(instanceId=clock, name="clock"), timeout=DEADLINE_S)
-                fire_at = timestamp_pb2.Timestamp()
-                fire_at.FromMilliseconds(int(time.time() * 1000) + 2_500)
-                complete(stub, stream.next(), pb.OrchestratorAction(
-                    id=1, createTimer=pb.CreateTimerAction(fireAt=fire_at)))
-                fired = stream.next()  # only the timer's turn comes: neither is sent again meanwhile
-                assert fired.orchestratorRequest.instanceId == clock, fired
-                assert any(e.HasField("timerFired") for e in fired.orchestratorRequest.newEvents)
-                complete(stub, fired, DONE)
+        stub.StartInstance(pb.CreateInstanceRequest(instanceId=clock, name="clock"), timeout=DEADLINE_S)
+        fire_at = timestamp_pb2.Timestamp()
+        fire_at.FromMilliseconds(int(time.time() * 1000) + 2_500)
+        complete(stub, stream.next(), pb.OrchestratorAction(id=1, createTimer=pb.CreateTimerAction(fireAt=fire_at)))
+        fired = stream.next()  # only the timer's turn comes: neither is sent again meanwhile
+        assert fired.orchestratorRequest.instanceId == clock, fired
+        assert any(e.HasField("timerFired") for e in fired.orchestratorRequest.newEvents)
+        complete(stub, fired, DONE)
 
-                stub.CompleteEntityTask(pb.EntityBatchResult(
-                    completionToken=batch.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
-                    results=[pb.OperationResult(success=pb.OperationResultSuccess())]), timeout=DEADLINE_S)
-                got = stub.GetEntity(pb.GetEntityRequest(instanceId=entity_id, includeState=True), timeout=DEADLINE_S)
-                assert got.entity.serializedState.value == "5", got
+        stub.CompleteEntityTask(pb.EntityBatchResult(
+            completionToken=batch.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
+            results=[pb.OperationResult(success=pb.OperationResultSuccess())]), timeout=DEADLINE_S)
+        got = stub.GetEntity(pb.GetEntityRequest(instanceId=entity_id, includeState=True), timeout=DEADLINE_S)
+        assert got.entity.serializedState.value == "5", got
 
-                stub.CompleteActivityTask(pb.ActivityResponse(
-                    instanceId=held, taskId=1, completionToken=activity.completionToken,
-                    result=wrappers_pb2.StringValue(value='"done"')), timeout=DEADLINE_S)
-                turn = stream.next()
-                assert [e.taskCompleted.result.value for e in turn.orchestratorRequest.newEvents
-                        if e.HasField("taskCompleted")] == ['"done"']
-                complete(stub, turn, DONE)
-            finally:
-                stream.close()
-    finally:
-        rt.close()
+        stub.CompleteActivityTask(pb.ActivityResponse(
+            instanceId=held, taskId=1, completionToken=activity.completionToken,
+            result=wrappers_pb2.StringValue(value='"done"')), timeout=DEADLINE_S)
+        turn = stream.next()
+        assert [e.taskCompleted.result.value for e in turn.orchestratorRequest.newEvents
+                if e.HasField("taskCompleted")] == ['"done"']
+        complete(stub, turn, DONE)
 
 
 def test_an_activity_result_of_65_mib_fails_its_task_instead_of_hanging(tmp_path: Path):
     """The transport reads a completion of any size, so it reaches the servicer, which turns a result above
     --max-request-bytes into a task failure. (The transport once refused completions above 64 MiB itself:
     the stream then held the item and the gateway's heartbeats renewed its lease for ever.)"""
-    rt = EngineRuntime(tmp_path / "data")
-    rt.start()
-    try:
-        with grpc.insecure_channel(rt.address) as channel:
-            stub = stubs.TaskHubSidecarServiceStub(channel)
-            stream = RawStream(channel, pb.GetWorkItemsRequest(
-                maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10))
-            try:
-                iid = new_id("huge")
-                stub.StartInstance(pb.CreateInstanceRequest(instanceId=iid, name="huge"), timeout=DEADLINE_S)
-                complete(stub, stream.next(), pb.OrchestratorAction(
-                    id=1, scheduleTask=pb.ScheduleTaskAction(name="huge")))
-                activity = stream.next()
-                huge = '"' + "x" * ((65 << 20) - 2) + '"'
-                stub.CompleteActivityTask(pb.ActivityResponse(
-                    instanceId=iid, taskId=1, completionToken=activity.completionToken,
-                    result=wrappers_pb2.StringValue(value=huge)), timeout=DEADLINE_S)
-                del huge
-                turn = stream.next()
-                [failed] = [e.taskFailed for e in turn.orchestratorRequest.newEvents if e.HasField("taskFailed")]
-                assert failed.taskScheduledId == 1
-                assert failed.failureDetails.errorType == "ActivityResultTooLarge"
-                size = re.search(r"result was (\d+) bytes; the limit is 4194304", failed.failureDetails.errorMessage)
-                assert size is not None and int(size.group(1)) > 65 << 20, failed.failureDetails.errorMessage
-                complete(stub, turn, DONE)
-            finally:
-                stream.close()
-    finally:
-        rt.close()
+    request = pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10)
+    with runtime_with_stream(tmp_path, request) as (stub, stream):
+        iid = new_id("huge")
+        activity = start_with_one_activity(stub, stream, iid, "huge")
+        huge = '"' + "x" * ((65 << 20) - 2) + '"'
+        stub.CompleteActivityTask(pb.ActivityResponse(
+            instanceId=iid, taskId=1, completionToken=activity.completionToken,
+            result=wrappers_pb2.StringValue(value=huge)), timeout=DEADLINE_S)
+        del huge
+        turn = stream.next()
+        [failed] = [e.taskFailed for e in turn.orchestratorRequest.newEvents if e.HasField("taskFailed")]
+        assert failed.taskScheduledId == 1
+        assert failed.failureDetails.errorType == "ActivityResultTooLarge"
+        size = re.search(r"result was (\d+) bytes; the limit is 4194304", failed.failureDetails.errorMessage)
+        assert size is not None and int(size.group(1)) > 65 << 20, failed.failureDetails.errorMessage
+        complete(stub, turn, DONE)
 
 
 def one_instance_per_partition(partitions: int) -> list[str]:
