@@ -103,11 +103,19 @@ def _fail_unapplied(ctx: Ctx, lease: Lease, cmd: dict[str, Any]) -> None:
     record = ctx.load(instance_id)
     ctx.state.release(lease)
     if record is not None and record["x"] == lease.execution_id and record["s"] not in ev.TERMINAL:
-        record.pop("kick", None)
-        release_held_locks(ctx, instance_id)  # the unlocks were in the response the engine will not apply
-        finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*cmd["fail"]))
-        ctx.save(instance_id, record)
+        end_without_worker(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*cmd["fail"]))
     ctx.reply(cmd)
+
+
+def end_without_worker(
+    ctx: Ctx, instance_id: str, record: Record, status: int, output: str | None, failure: bytes | None
+) -> None:
+    """The engine ends the execution itself, applying no worker response: the unlocks such a response would
+    carry are the engine's to send."""
+    record.pop("kick", None)
+    release_held_locks(ctx, instance_id)
+    finish_execution(ctx, instance_id, record, status, output, failure)
+    ctx.save(instance_id, record)
 
 
 def apply_fail_too_large(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -123,10 +131,7 @@ def apply_fail_too_large(ctx: Ctx, cmd: dict[str, Any]) -> None:
         f"the orchestrator's next work item would be {cmd['b']} bytes ({record['hl']} history events), above the"
         f" {limit} bytes a worker receives (--max-request-bytes); keep large payloads out of the history",
     )
-    record.pop("kick", None)
-    release_held_locks(ctx, instance_id)
-    finish_execution(ctx, instance_id, record, ev.FAILED, None, failure)
-    ctx.save(instance_id, record)
+    end_without_worker(ctx, instance_id, record, ev.FAILED, None, failure)
 
 
 def _apply_actions(ctx: Ctx, out: Outcome, response: pb.OrchestratorResponse) -> tuple[str, str] | None:

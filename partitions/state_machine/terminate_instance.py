@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.complete_orchestration import finish_execution, terminate_children
+from partitions.state_machine.complete_orchestration import end_without_worker, terminate_children
 from partitions.state_machine.context import WAKES_SCHEDULED, Ctx, is_child_of
-from partitions.state_machine.entities import release_held_locks
 from runtime.errors import InstanceNotFoundError
 
 
@@ -46,7 +45,5 @@ def apply_force_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
     lease = ctx.state.orch_leases.get(instance_id)
     if lease is not None:
         ctx.state.release(lease)
-    release_held_locks(ctx, instance_id)  # no worker answers for it: its unlocks are ours to send
-    finish_execution(ctx, instance_id, record, ev.TERMINATED, cmd.get("out"), None)
-    ctx.save(instance_id, record)
+    end_without_worker(ctx, instance_id, record, ev.TERMINATED, cmd.get("out"), None)
     ctx.reply(cmd, {"terminated": True})
