@@ -288,20 +288,21 @@ class PartitionProcess:
             commands.append(message)
 
     def heartbeat(self, sender: bytes | None, now: int, barrier: Any = None, held: Any = None) -> None:
-        """A gateway is alive: renew the activity and entity leases it says its streams hold, and tell it our epoch.
+        """A gateway is alive: renew the leases it says its streams hold, and tell it our epoch.
 
-        Activities and entity batches run user code and may run long, so their leases last as long as a stream
-        holds them. Only the tokens the gateway lists are renewed: an item it never got (a frame dropped on a
-        full queue or a broken tcp link) or whose completion was lost expires and runs again, instead of being
-        renewed for the gateway's life. Orchestrator work items are replays that take moments: if one is not
-        completed within the lease (say its completion failed, which the SDK only logs), it expires and runs
-        again.
+        A work item's lease lasts as long as a stream holds it. Activities and entity batches run user code that
+        may run long, and the SDK queues every kind of item behind one small thread pool, so an orchestrator
+        turn can wait there behind slow activities for longer than any fixed lease: were it not renewed it would
+        be dispatched again and again, each copy rejected as stale when it finally ran. Only the tokens the
+        gateway lists are renewed: an item it never got (a frame dropped on a full queue or a broken tcp link),
+        or whose completion or abandon reached it (even one that was then refused), expires and runs again,
+        instead of being renewed for the gateway's life.
         """
         if sender is None:
             return
         for token in held if isinstance(held, list) else ():
             lease = self.state.leases_by_token.get(token) if isinstance(token, str) else None
-            if lease is not None and lease.kind in ("a", "e") and lease.gateway == sender:
+            if lease is not None and lease.gateway == sender:
                 lease.expires_ms = now + self.lease_ms
         reply = {"op": "hb", "p": self.partition, "ep": self.state.epoch}
         if barrier is not None:

@@ -156,6 +156,12 @@ def validate(config: Config) -> None:
     ):
         if value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
+    if config.lease_timeout_s <= config.heartbeat_interval_s:
+        raise ValueError(
+            f"--lease-timeout-s ({config.lease_timeout_s}) must be longer than --heartbeat-interval-s"
+            f" ({config.heartbeat_interval_s}), or work items that streams hold expire between the heartbeats"
+            " that renew them"
+        )
     if config.gateway_timeout_s <= config.heartbeat_interval_s:
         raise ValueError(
             f"--gateway-timeout-s ({config.gateway_timeout_s}) must be longer than --heartbeat-interval-s"

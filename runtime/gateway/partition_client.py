@@ -41,7 +41,7 @@ class PartitionClient:
         self._on_message = on_message
         self._tasks: list[asyncio.Task[None]] = []
         self.on_restart: Callable[[int], None] = lambda partition: None
-        # The activity and entity tokens this gateway's streams hold, by partition: heartbeats renew exactly those.
+        # The work-item tokens this gateway's streams hold, by partition: heartbeats renew exactly those.
         self.held_leases: Callable[[], dict[int, list[str]]] = dict
 
     def partition_of(self, instance_id: str) -> int:

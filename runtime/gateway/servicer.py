@@ -265,15 +265,15 @@ class Servicer:
 
     @rpc(pb.OrchestratorResponse, oversized_ok=True, settles=True)
     async def CompleteOrchestratorTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
+        self.dispatcher.completed(request.completionToken)  # first: a refused completion must not stay held
         command = translate.complete_orchestration(request, raw, self.config)
-        self.dispatcher.completed(request.completionToken)
         await self._call(command, context)
         return pb.CompleteTaskResponse()
 
     @rpc(pb.ActivityResponse, oversized_ok=True, settles=True)
     async def CompleteActivityTask(self, request: Any, context: Any, raw: bytes) -> pb.CompleteTaskResponse:
-        command = translate.complete_activity(request, self.config, len(raw))
         self.dispatcher.completed(request.completionToken)
+        command = translate.complete_activity(request, self.config, len(raw))
         await self._call(command, context)
         return pb.CompleteTaskResponse()
 

@@ -31,7 +31,6 @@ from runtime.router.channel import Message
 log = logging.getLogger(__name__)
 
 KINDS = ("o", "a", "e")  # orchestrations, activities, entities
-RENEWED_KINDS = ("a", "e")  # leases renewed while a stream holds them; orchestrator replays take moments
 ALL = "*"  # the group of streams without filters
 
 Filters = dict[str, dict[str, list[str]] | None]  # kind -> (name -> versions, [] = any) or None = all
@@ -128,12 +127,12 @@ class WorkDispatcher:
         self.schedule_grant()
 
     def held_leases(self) -> dict[int, list[str]]:
-        """The activity and entity tokens the streams hold, by partition (for the heartbeats that renew their
-        leases: both run user code, for as long as it takes)."""
+        """The tokens the streams hold, by partition, for the heartbeats that renew their leases. A worker may
+        hold an item long before it starts it (the SDK queues every kind behind one thread pool), and an
+        activity or entity batch runs user code for as long as it takes."""
         held: dict[int, list[str]] = defaultdict(list)
-        for token, (_, kind, partition) in self.owner.items():
-            if kind in RENEWED_KINDS:
-                held[partition].append(token)
+        for token, (_, _, partition) in self.owner.items():
+            held[partition].append(token)
         return held
 
     def completed(self, token: str) -> None:

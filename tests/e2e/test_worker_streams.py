@@ -220,37 +220,69 @@ def start_with_one_activity(stub: Any, stream: RawStream, instance_id: str, acti
     return item
 
 
-def test_an_expired_lease_frees_its_slot_on_the_stream(tmp_path: Path):
-    """A stream with room for one orchestration holds an item and never completes it (the SDK only logs a
-    completion that failed). When the lease runs out the item goes back to the queue, and the gateway frees the
-    stream's slot, so the stream gets work again instead of being one slot short for as long as it lives."""
-    request = pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=1)
-    with runtime_with_stream(tmp_path, request, "--lease-timeout-s", "1") as (stub, stream):
-        ids = {new_id("held"), new_id("held")}
-        for instance_id in ids:
-            stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="held"), timeout=DEADLINE_S)
-        first = stream.next()  # the one slot is taken, and this item is never completed
-        second = stream.next()  # arrives only once the first one's lease has expired
-        assert first.orchestratorRequest.instanceId in ids and second.orchestratorRequest.instanceId in ids
-        assert second.completionToken != first.completionToken
-        complete(stub, second, DONE)
+def test_a_lease_that_expires_while_its_gateway_stalls_frees_the_slot_and_refuses_the_late_completion(tmp_path: Path):
+    """The gateway stalls (SIGSTOP) for longer than --lease-timeout-s but not --gateway-timeout-s, so its
+    heartbeats stop renewing the item its stream holds. The lease runs out and the item goes back to the queue;
+    the partition tells the gateway, which frees the stream's one slot, so the stream gets work again instead of
+    being one slot short for as long as it lives. The stalled item's late completion is refused and changes
+    nothing."""
+    rt = EngineRuntime(tmp_path / "data", extra_args=[
+        "--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1", "--gateway-timeout-s", "60"])
+    rt.start()
+    try:
+        with grpc.insecure_channel(rt.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+            stream = RawStream(channel, pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=1))
+            try:
+                ids = {new_id("held"), new_id("held")}
+                for instance_id in ids:
+                    stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="held"),
+                                       timeout=DEADLINE_S)
+                first = stream.next()  # the one slot is taken
+                gateway = gateway_pid(rt)
+                assert gateway is not None
+                os.kill(gateway, signal.SIGSTOP)
+                try:
+                    wait_until(lambda: f"lease {first.completionToken} expired" in rt.log_path.read_text(
+                        errors="replace"), message="the stalled item's lease to expire")
+                finally:
+                    os.kill(gateway, signal.SIGCONT)
+                second = stream.next()  # arrives only because the expiry freed the slot
+                assert second.orchestratorRequest.instanceId in ids
+                assert second.completionToken != first.completionToken
+                with pytest.raises(grpc.RpcError) as late:
+                    complete(stub, first, DONE)
+                assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION, late.value
+                complete(stub, second, DONE)
+                state = stub.GetInstance(pb.GetInstanceRequest(instanceId=second.orchestratorRequest.instanceId),
+                                         timeout=DEADLINE_S)
+                assert state.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_COMPLETED, state
+            finally:
+                stream.close()
+    finally:
+        rt.close()
 
 
-def test_an_activity_and_an_entity_batch_held_by_a_stream_outlive_their_lease_timeout(tmp_path: Path):
-    """Heartbeats renew the activity and entity leases the gateway's streams hold (their tokens listed, partition
-    by partition), so an activity or an entity batch runs as long as its stream holds it: with a 1 s lease
-    timeout, neither is sent again while a 2.5 s durable timer of another instance runs out, and their
-    completions are then accepted."""
+def test_work_items_of_every_kind_held_by_a_stream_outlive_their_lease_timeout(tmp_path: Path):
+    """Heartbeats renew the leases the gateway's streams hold (their tokens listed, partition by partition), so
+    an activity, an entity batch or an orchestrator turn lasts as long as its stream holds it: with a 1 s lease
+    timeout, none is sent again while a 2.5 s durable timer of another instance runs out, and their completions
+    are then accepted. (The SDK queues every kind of item behind one small thread pool, so a turn can wait there
+    behind slow activities for longer than any lease; it was once sent again each time its lease ran out.)"""
     request = pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=10, maxConcurrentActivityWorkItems=10,
                                      maxConcurrentEntityWorkItems=10)
     flags = ("--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1")
     with runtime_with_stream(tmp_path, request, *flags) as (stub, stream):
-        held, clock, entity_id = new_id("held"), new_id("clock"), f"@counter@{new_id('held')}"
+        held, turn, clock = new_id("held"), new_id("turn"), new_id("clock")
+        entity_id = f"@counter@{new_id('held')}"
         activity = start_with_one_activity(stub, stream, held, "slow")
         stub.SignalEntity(pb.SignalEntityRequest(instanceId=entity_id, name="add", requestId="r1",
                                                  input=wrappers_pb2.StringValue(value="5")), timeout=DEADLINE_S)
         batch = stream.next()
         assert batch.entityRequestV2.instanceId == entity_id, batch
+        stub.StartInstance(pb.CreateInstanceRequest(instanceId=turn, name="turn"), timeout=DEADLINE_S)
+        held_turn = stream.next()
+        assert held_turn.orchestratorRequest.instanceId == turn, held_turn
 
         stub.StartInstance(pb.CreateInstanceRequest(instanceId=clock, name="clock"), timeout=DEADLINE_S)
         fire_at = timestamp_pb2.Timestamp()
@@ -260,6 +292,10 @@ def test_an_activity_and_an_entity_batch_held_by_a_stream_outlive_their_lease_ti
         assert fired.orchestratorRequest.instanceId == clock, fired
         assert any(e.HasField("timerFired") for e in fired.orchestratorRequest.newEvents)
         complete(stub, fired, DONE)
+
+        complete(stub, held_turn, DONE)
+        state = stub.GetInstance(pb.GetInstanceRequest(instanceId=turn), timeout=DEADLINE_S)
+        assert state.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_COMPLETED, state
 
         stub.CompleteEntityTask(pb.EntityBatchResult(
             completionToken=batch.completionToken, entityState=wrappers_pb2.StringValue(value="5"),
@@ -274,6 +310,28 @@ def test_an_activity_and_an_entity_batch_held_by_a_stream_outlive_their_lease_ti
         assert [e.taskCompleted.result.value for e in turn.orchestratorRequest.newEvents
                 if e.HasField("taskCompleted")] == ['"done"']
         complete(stub, turn, DONE)
+
+
+def test_a_refused_completion_leaves_its_item_to_expire_and_run_again(tmp_path: Path):
+    """A completion the gateway refuses as malformed (here: no instance id, a real token) applies nothing, and
+    the stream no longer holds its item: heartbeats stop renewing it, so it runs again once its lease runs out
+    instead of staying leased for as long as the stream lives."""
+    request = pb.GetWorkItemsRequest(maxConcurrentOrchestrationWorkItems=1)
+    with runtime_with_stream(tmp_path, request, "--lease-timeout-s", "1", "--heartbeat-interval-s", "0.1") as (
+            stub, stream):
+        instance_id = new_id("refused")
+        stub.StartInstance(pb.CreateInstanceRequest(instanceId=instance_id, name="refused"), timeout=DEADLINE_S)
+        first = stream.next()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CompleteOrchestratorTask(pb.OrchestratorResponse(
+                completionToken=first.completionToken, actions=[DONE]), timeout=DEADLINE_S)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        again = stream.next()
+        assert again.orchestratorRequest.instanceId == instance_id, again
+        assert again.completionToken != first.completionToken
+        complete(stub, again, DONE)
+        state = stub.GetInstance(pb.GetInstanceRequest(instanceId=instance_id), timeout=DEADLINE_S)
+        assert state.orchestrationState.orchestrationStatus == pb.ORCHESTRATION_STATUS_COMPLETED, state
 
 
 def test_an_activity_result_of_65_mib_fails_its_task_instead_of_hanging(tmp_path: Path):

@@ -86,6 +86,7 @@ def test_config_round_trips_to_children(monkeypatch: pytest.MonkeyPatch) -> None
         (["--zmq-transport", "udp"], "--zmq-transport"),
         (["--drain-grace-s", "-1"], "--drain-grace-s"),
         (["--lease-timeout-s", "0"], "--lease-timeout-s"),
+        (["--lease-timeout-s", "1", "--heartbeat-interval-s", "1"], "expire between the heartbeats"),
         (["--tls-cert-file", "{cert}"], "given together"),
         (["--tls-key-file", "{key}"], "given together"),
         (["--tls-client-ca-file", "{ca}"], "needs --tls-cert-file"),
