@@ -46,7 +46,7 @@ class Config:
     max_batch_commands: int = _opt(2000, "most commands a partition applies in one write transaction")
     outbox_resend_interval_s: float = _opt(1.0, "unacknowledged messages to other partitions are resent this often")
     zmq_transport: str = _opt("ipc", "ipc (one machine) or tcp (partitions on several nodes)")
-    zmq_host: str = _opt("127.0.0.1", "address partitions bind to with the tcp transport")
+    zmq_host: str = _opt("127.0.0.1", "address partitions bind to with the tcp transport (IPv4 or IPv6)")
     zmq_base_port: int = _opt(5600, "partition p listens on zmq_base_port + p with the tcp transport")
     drain_grace_s: float = _opt(20.0, "on SIGTERM, work items already handed to workers may complete for this long before exit")
     tls_cert_file: str = _opt("", "PEM certificate chain of the gRPC gateway; with --tls-key-file enables TLS")
@@ -67,7 +67,10 @@ class Config:
     def partition_endpoint(self, partition: int) -> str:
         """Where partition `partition` binds its ZeroMQ ROUTER socket; gateways and peers connect here."""
         if self.zmq_transport == "tcp":
-            return f"tcp://{self.zmq_host}:{self.zmq_base_port + partition}"
+            host = self.zmq_host.strip("[]")
+            if ":" in host:  # an IPv6 address: ZeroMQ wants it in brackets
+                host = f"[{host}]"
+            return f"tcp://{host}:{self.zmq_base_port + partition}"
         return f"ipc://{self.runtime_dir()}/p{partition}.sock"
 
     def partition_data_dir(self, partition: int) -> str:

@@ -214,6 +214,12 @@ class _ZapHandlers:
 _ZAP = _ZapHandlers()
 
 
+def _allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
+    """ZeroMQ sockets speak IPv4 only unless told otherwise; an IPv6 address comes in brackets."""
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 class ZmqChannel:
     """One ZeroMQ socket. ROUTER sockets address peers by identity; DEALER sockets have one peer.
 
@@ -247,6 +253,7 @@ class ZmqChannel:
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
+        _allow_ipv6(sock, endpoint)
         on_close = None
         if keys is not None:
             admitted = keys.admitted()
@@ -276,6 +283,7 @@ class ZmqChannel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        _allow_ipv6(sock, endpoint)
         if keys is not None:
             sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public or keys.public)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)

@@ -396,6 +396,25 @@ def test_curve_rejects_peers_without_the_right_keys(case: str):
     assert not worked and event & _HANDSHAKE_FAILED, (case, event)
 
 
+def test_runtime_over_tcp_on_an_ipv6_address(start_runtime: Callable[..., SecureRuntime]):
+    """`--zmq-host` may be an IPv6 address: the port check, the partitions' binds and every connection to them
+    take it, in brackets where ZeroMQ wants them. (The IPv4-mapped form of 127.0.0.1 keeps the test on
+    127.0.0.1; test_channel.py checks that such sockets are told to speak IPv6.)"""
+    partitions = max(PARTITIONS, 2)
+    base = free_port_range(partitions)
+    rt = start_runtime(["--zmq-transport", "tcp", "--zmq-base-port", str(base), "--zmq-host", "::ffff:127.0.0.1"],
+                       partitions=partitions)
+    worker = sdk_worker(host_address=rt.address)
+    client = TaskHubGrpcClient(host_address=rt.address)
+    try:
+        run_parent(client, partitions)
+    finally:
+        worker.stop()
+        client.close()
+    assert f"tcp://[::ffff:127.0.0.1]:{base}" in rt.log_tail(200)
+    assert rt.terminate() == 0, rt.log_tail()
+
+
 def test_runtime_over_tcp_with_curve(start_runtime: Callable[..., SecureRuntime], tmp_path: Path):
     public, secret = keypair()
     secret_file, public_file = tmp_path / "node.key_secret", tmp_path / "node.key"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -168,3 +169,35 @@ def test_a_handler_that_sends_and_flushes_does_not_strand_later_frames() -> None
         assert got == list(range(51))
 
     _run(body)
+
+
+def test_sockets_for_a_bracketed_address_speak_ipv6_and_others_do_not() -> None:
+    """ZeroMQ refuses an IPv6 address (`No such device`) unless the socket is told to speak IPv6. The
+    IPv4-mapped form of 127.0.0.1 keeps the exchange on 127.0.0.1."""
+    port = _free_port()
+    mapped = f"tcp://[::ffff:127.0.0.1]:{port}"
+
+    async def main() -> None:
+        ctx = zmq.Context()
+        router = ZmqChannel.router(ctx, mapped, curve=None)
+        dealer = ZmqChannel.dealer(ctx, mapped, b"g-v6", curve=None)
+        plain = ZmqChannel.dealer(ctx, f"tcp://127.0.0.1:{port}", b"g-v4", curve=None)
+        try:
+            assert router.socket.getsockopt(zmq.IPV6) == dealer.socket.getsockopt(zmq.IPV6) == 1
+            assert plain.socket.getsockopt(zmq.IPV6) == 0
+            dealer.send({"op": "x"})
+            received = await asyncio.wait_for(router.recv(), DEADLINE_S)
+            assert received == [(b"g-v6", {"op": "x"})]
+        finally:
+            plain.close()
+            dealer.close()
+            router.close()
+            ctx.term()
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

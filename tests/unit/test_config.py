@@ -55,6 +55,17 @@ def test_flags_are_typed() -> None:
         build_parser().parse_args(["--partitions", "four"])
 
 
+@pytest.mark.parametrize(("host", "endpoint"), [
+    ("127.0.0.1", "tcp://127.0.0.1:5600"),
+    ("node-0.durable", "tcp://node-0.durable:5600"),
+    ("::1", "tcp://[::1]:5600"),
+    ("[fd00::7]", "tcp://[fd00::7]:5600"),
+])
+def test_tcp_endpoints_put_an_ipv6_address_in_brackets(host: str, endpoint: str) -> None:
+    config = Config(zmq_transport="tcp", zmq_host=host, zmq_base_port=5600)
+    assert config.partition_endpoint(0) == endpoint
+
+
 def test_environment_then_flag_precedence() -> None:
     environ = {"DURABLE_RUNTIME_PARTITIONS": "6", "DURABLE_RUNTIME_API_TOKEN": "from-env-0123456789",
                "DURABLE_RUNTIME_DRAIN_GRACE_S": "3"}
