@@ -233,13 +233,13 @@ def read_token(args: argparse.Namespace) -> str:
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", -1)]
-    if not args.tls_ca_file:
+    if not (args.tls or args.tls_ca_file):
         return grpc.insecure_channel(args.address, options=options)
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
     client = args.tls_client_cert_file and args.tls_client_key_file
     creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(args.tls_ca_file).read_bytes(),
+        root_certificates=Path(args.tls_ca_file).read_bytes() if args.tls_ca_file else None,  # None: the system's
         private_key=Path(args.tls_client_key_file).read_bytes() if client else None,
         certificate_chain=Path(args.tls_client_cert_file).read_bytes() if client else None,
     )
@@ -430,8 +430,10 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--api-token", default=env("DURABLE_RUNTIME_API_TOKEN", ""),
                    help="sent as 'authorization: Bearer <token>' (env DURABLE_RUNTIME_API_TOKEN)")
     g.add_argument("--api-token-file", default="", help="file holding the API token (instead of --api-token)")
+    g.add_argument("--tls", action="store_true",
+                   help="connect over TLS, trusting the system's root CAs (gRPC reads GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)")
     g.add_argument("--tls-ca-file", default=env("DURABLE_RUNTIME_TLS_CA_FILE", ""),
-                   help="PEM root CA: connect over TLS (env DURABLE_RUNTIME_TLS_CA_FILE)")
+                   help="PEM root CA: connect over TLS, trusting this CA (env DURABLE_RUNTIME_TLS_CA_FILE)")
     g.add_argument("--tls-server-name", default="", help="expected name in the server certificate (TLS)")
     g.add_argument("--tls-client-cert-file", default="", help="PEM client certificate chain, for mutual TLS")
     g.add_argument("--tls-client-key-file", default="", help="PEM client private key, for mutual TLS")
@@ -502,10 +504,10 @@ def check_usage(a: argparse.Namespace) -> None:
             a.parser.error("give an instance id, or a filter: --status, --created-from and/or --created-to")
     if bool(a.tls_client_cert_file) != bool(a.tls_client_key_file):
         a.parser.error("--tls-client-cert-file and --tls-client-key-file go together")
-    if (a.tls_client_cert_file or a.tls_server_name) and not a.tls_ca_file:
-        # Without it the connection would be plaintext, and these flags silently unused.
-        a.parser.error("--tls-client-cert-file and --tls-server-name need --tls-ca-file (the CA that signed the node's"
-                       " certificate)")
+    if (a.tls_client_cert_file or a.tls_server_name) and not (a.tls or a.tls_ca_file):
+        # Without TLS the connection would be plaintext, and these flags silently unused.
+        a.parser.error("--tls-client-cert-file and --tls-server-name need TLS: --tls (the system's CAs) or"
+                       " --tls-ca-file (the CA that signed the node's certificate)")
     if a.timeout <= 0:
         a.parser.error("--timeout must be positive")
 

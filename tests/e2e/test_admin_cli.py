@@ -169,9 +169,9 @@ def test_list_usage_errors(cli):
     cli("instances", rc=2)
     cli("instances", "frobnicate", rc=2)
     # TLS flags without the CA file would otherwise be dropped, and the connection made in plaintext.
-    assert "need --tls-ca-file" in cli("instances", "list", "--tls-server-name", "node-1", rc=2).stderr
-    assert "need --tls-ca-file" in cli("instances", "list", "--tls-client-cert-file", "c.pem",
-                                       "--tls-client-key-file", "c.key", rc=2).stderr
+    assert "need TLS: --tls" in cli("instances", "list", "--tls-server-name", "node-1", rc=2).stderr
+    assert "need TLS: --tls" in cli("instances", "list", "--tls-client-cert-file", "c.pem",
+                                    "--tls-client-key-file", "c.key", rc=2).stderr
 
 
 def test_show_text_json_and_payloads(client, cli):
@@ -464,6 +464,16 @@ def test_tls_mutual_tls_and_token(secure_runtime):
                              "--api-token", TOKEN, "--timeout", "5")
     assert no_client_cert.returncode == 1 and no_client_cert.stderr.startswith("error: "), no_client_cert
     assert "Traceback" not in plaintext.stderr + no_client_cert.stderr
+
+    # --tls trusts the system's roots, which gRPC takes from GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when it is set.
+    client_cert = tls[2:]
+    system = run_cli(rt.address, "instances", "list", "--tls", *client_cert, "--api-token", TOKEN,
+                     env={"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(certs["ca.pem"])})
+    assert system.returncode == 0, system
+    untrusted = run_cli(rt.address, "instances", "list", "--tls", *client_cert, "--api-token", TOKEN,
+                        "--timeout", "5", env={"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(certs["client.pem"])})
+    # (gRPC's own log line about the failed handshake may come first)
+    assert untrusted.returncode == 1 and untrusted.stderr.splitlines()[-1].startswith("error: "), untrusted
 
     padded = run_cli(rt.address, "instances", "list", *tls, env={"DURABLE_RUNTIME_API_TOKEN": f" {TOKEN}\n"})
     assert padded.returncode == 0, padded  # surrounding whitespace is not part of the token, as for the node
