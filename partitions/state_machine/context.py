@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from partitions.state_machine import actions as act
 from partitions.state_machine import events as ev
 from partitions.state_machine.state import CoreState
-from partitions.store.keys import TIMER_ORCHESTRATION, id_problem
+from partitions.store.keys import TIMER_ORCHESTRATION, entity_id_problem, orchestration_id_problem
 from partitions.store.lmdb_store import StoreTxn
+from protos import orchestrator_service_pb2 as pb
 from runtime.hashing import partition_for
+
+log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 
@@ -47,9 +51,11 @@ class Ctx:
         The outbox row is written in this transaction, so the message leaves if and only if its cause
         commits; the receiver deduplicates by (sender, seq), which makes the effect exactly-once.
         """
-        problem = id_problem(instance_id)
+        # Entities and orchestrations share the inbox, so each kind of message goes only to ids of its kind.
+        is_for_entity = message.get("op") == "entity_msg"
+        problem = (entity_id_problem if is_for_entity else orchestration_id_problem)(instance_id)
         if problem is not None:
-            self._undeliverable(problem, message)
+            self._undeliverable(instance_id, problem, message)
             return
         message["i"] = instance_id
         destination = partition_for(instance_id, self.state.partition_count)
@@ -70,14 +76,28 @@ class Ctx:
             apply_internal(self, self.local.pop(0))
         raise RuntimeError("messages between instances of one partition did not come to an end")
 
-    def _undeliverable(self, problem: str, message: dict[str, Any]) -> None:
-        """No instance can have such an id: a sub-orchestration fails its parent, the rest is dropped."""
-        if message.get("op") == "start_child":
+    def _undeliverable(self, instance_id: str, problem: str, message: dict[str, Any]) -> None:
+        """No instance of the message's kind can have such an id: a sub-orchestration fails its parent's task,
+        an entity call fails the caller's; the rest is dropped."""
+        op = message.get("op")
+        if op == "start_child":
             parent = message["p"]
             failure = ev.failure_details("InvalidInstanceId", f"the sub-orchestration id {problem}")
             self.send_to_instance(
                 parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure}
             )
+            return
+        if op == "entity_msg":
+            event = pb.HistoryEvent.FromString(message["ev"])
+            if event.HasField("entityOperationCalled"):
+                from partitions.state_machine.entities import answer_call  # local import: entities imports us
+
+                failure = pb.TaskFailureDetails(errorType="InvalidEntityId", isNonRetriable=True,
+                                                errorMessage=f"the entity id '{instance_id}' {problem}")
+                answer_call(self, event.entityOperationCalled, None, failure)
+                return
+        log.warning("partition %d: dropped a %r message to %r: the id %s", self.state.partition, op, instance_id,
+                    problem)
 
     # instances
     def load(self, instance_id: str) -> Record | None:

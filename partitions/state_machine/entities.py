@@ -198,7 +198,7 @@ def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
     for index, event in enumerate(dispatched):
         if event.HasField("entityOperationCalled"):
             outcome = result.results[index] if index < len(result.results) else None
-            _answer_call(ctx, event.entityOperationCalled, outcome, result.failureDetails if batch_failed else None)
+            answer_call(ctx, event.entityOperationCalled, outcome, result.failureDetails if batch_failed else None)
     for action in result.actions:
         _apply_operation_action(ctx, action)  # one to this entity itself runs after this handler (Ctx.local)
     advance(ctx, entity_id, record)
@@ -222,7 +222,7 @@ def apply_refuse_operation(ctx: Ctx, cmd: dict[str, Any]) -> None:
                f" {limit} bytes a worker receives (--max-request-bytes)")
     if event.HasField("entityOperationCalled"):
         failure = pb.TaskFailureDetails(errorType="EntityOperationTooLarge", errorMessage=message, isNonRetriable=True)
-        _answer_call(ctx, event.entityOperationCalled, None, failure)
+        answer_call(ctx, event.entityOperationCalled, None, failure)
     else:
         log.error("%s; the signal is dropped", message)
     record = _load(ctx, entity_id)
@@ -230,7 +230,7 @@ def apply_refuse_operation(ctx: Ctx, cmd: dict[str, Any]) -> None:
     _save(ctx, entity_id, record)
 
 
-def _answer_call(
+def answer_call(
     ctx: Ctx, called: pb.EntityOperationCalledEvent, outcome: pb.OperationResult | None, batch_failure: Any
 ) -> None:
     message: dict[str, Any] = {"op": "entity_result", "x": called.parentExecutionId.value, "req": called.requestId}

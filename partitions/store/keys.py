@@ -64,6 +64,27 @@ def id_problem(instance_id: str) -> str | None:
     return None
 
 
+def orchestration_id_problem(instance_id: str) -> str | None:
+    """Why `instance_id` cannot name an orchestration, or None. Ids starting with '@' are entities': the two
+    share the inbox table, so an orchestration with an entity's id would take that entity's operations."""
+    problem = id_problem(instance_id)
+    if problem is None and instance_id.startswith("@"):
+        return "must not start with '@' (reserved for entities)"
+    return problem
+
+
+def entity_id_problem(entity_id: str) -> str | None:
+    """Why `entity_id` cannot name an entity, or None. Entity ids read `@name@key`, and the SDKs refuse a
+    name or key that is empty or contains '@' (their workers cannot run such an entity's operations)."""
+    problem = id_problem(entity_id)
+    if problem is not None:
+        return problem
+    name, at, key = entity_id[1:].partition("@")
+    if not entity_id.startswith("@") or not at or not name or not key or "@" in key:
+        return "must have the form @name@key, with a name and a key that are not empty and contain no '@'"
+    return None
+
+
 def instance_prefix(instance_id: str) -> bytes:
     return instance_id.encode("utf-8") + b"\x00"
 

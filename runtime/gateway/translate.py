@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from partitions.store.keys import id_problem
+from partitions.store.keys import entity_id_problem, id_problem
 from protos import orchestrator_service_pb2 as pb
 from runtime.config import Config
 from runtime.errors import InvalidArgumentError
@@ -47,8 +47,9 @@ def check_instance_id(instance_id: str, config: Config, what: str = "instance id
 def check_entity_id(entity_id: str, config: Config) -> str:
     """Entity instance ids read `@name@key`."""
     check_instance_id(entity_id, config, "entity instance id")
-    if not entity_id.startswith("@") or "@" not in entity_id[1:]:
-        raise InvalidArgumentError(f"entity instance id '{entity_id}' must have the form @name@key")
+    problem = entity_id_problem(entity_id)
+    if problem is not None:
+        raise InvalidArgumentError(f"entity instance id '{entity_id}' {problem}")
     return entity_id
 
 

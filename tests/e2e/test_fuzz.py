@@ -525,6 +525,52 @@ def test_sub_orchestration_id_with_nul_stays_apart_from_its_parent(runtime, raw_
     assert events.count("executionStarted") == 1, f"the parent's work item carries its child's events: {events}"
 
 
+def test_entity_and_orchestration_messages_reach_only_ids_of_their_own_kind(runtime, raw_channel, before,
+                                                                           work_items):
+    """Entities and orchestrations share the inbox table. An entity signal or call aimed at an orchestration's
+    id, or a sub-orchestration given an entity's id (`@name@key`), once put entity operations into an
+    orchestration's work item (failing it), or let an orchestration take and delete an entity's queued operations.
+    Now the child fails its parent's task, the call fails its caller's, and the signal is dropped."""
+    victim, sender = new_id("fz-victim"), new_id("fz-sender")
+    call_unary(raw_channel, "StartInstance", pb.CreateInstanceRequest(instanceId=victim, name="fz").SerializeToString())
+    work_items.answer(victim, work_items.next_for(victim), [])  # keeps running, waiting for an event
+    call_unary(raw_channel, "StartInstance", pb.CreateInstanceRequest(instanceId=sender, name="fz").SerializeToString())
+    target = wrappers_pb2.StringValue(value=victim)
+    signal = pb.SendEntityMessageAction(entityOperationSignaled=pb.EntityOperationSignaledEvent(
+        requestId="s1", operation="add", targetInstanceId=target))
+    call = pb.SendEntityMessageAction(entityOperationCalled=pb.EntityOperationCalledEvent(
+        requestId="c1", operation="get", targetInstanceId=target,
+        parentInstanceId=wrappers_pb2.StringValue(value=sender)))
+    child = pb.OrchestratorAction(id=3, createSubOrchestration=pb.CreateSubOrchestrationAction(
+        instanceId="@counter@fz", name="fz"))
+    work_items.answer(sender, work_items.next_for(sender), [
+        pb.OrchestratorAction(id=1, sendEntityMessage=signal), pb.OrchestratorAction(id=2, sendEntityMessage=call),
+        child])
+    answers: dict[str, Any] = {}
+    for _ in range(5):
+        if len(answers) == 2:
+            break
+        item = work_items.next_for(sender)
+        for event in item.orchestratorRequest.newEvents:
+            if event.HasField("entityOperationFailed"):
+                answers["call"] = event.entityOperationFailed
+            elif event.HasField("subOrchestrationInstanceFailed"):
+                answers["child"] = event.subOrchestrationInstanceFailed
+        work_items.answer(sender, item, [])
+    assert answers["call"].requestId == "c1", answers
+    assert answers["call"].failureDetails.errorType == "InvalidEntityId", answers
+    assert answers["child"].taskScheduledId == 3, answers
+    assert "reserved for entities" in answers["child"].failureDetails.errorMessage, answers
+
+    call_unary(raw_channel, "RaiseEvent", pb.RaiseEventRequest(instanceId=victim, name="poke").SerializeToString())
+    item = work_items.next_for(victim)
+    events = [e.WhichOneof("eventType") for e in (*item.orchestratorRequest.pastEvents,
+                                                     *item.orchestratorRequest.newEvents)]
+    work_items.finish(victim, item)
+    assert_no_restart(runtime, before, "entity messages to an orchestration's id")
+    assert "eventRaised" in events and not [e for e in events if e.startswith("entity")], events
+
+
 @pytest.mark.parametrize("task_id", [-7, 2**30, 2**31 - 1])
 def test_abandoned_activity_with_an_odd_task_id_goes_back_to_the_queue(runtime, raw_channel, before, work_items,
                                                                        task_id):
