@@ -6,8 +6,8 @@ import asyncio
 import heapq
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf import wrappers_pb2
 
@@ -75,6 +75,34 @@ def _page_size(requested: int) -> int:
     return min(requested, MAX_PAGE) if requested > 0 else MAX_PAGE
 
 
+# Requests one call fans out to, in flight at once. A batch of a few hundred thousand ids (4 MiB of them) then
+# goes through in a steady stream, and the gateway's loop keeps serving everything else (heartbeats included)
+# meanwhile, instead of first building a coroutine and a request for every id.
+_IN_FLIGHT = 128
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def _each(items: Sequence[T], run: Callable[[T], Awaitable[R]]) -> list[R]:
+    """`run(item)` for every item, at most _IN_FLIGHT at once; the results in the items' order. The first
+    failure cancels the rest."""
+    results: list[Any] = [None] * len(items)
+    pending = iter(enumerate(items))
+
+    async def lane() -> None:
+        for index, item in pending:
+            results[index] = await run(item)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(_IN_FLIGHT, len(items))):
+                group.create_task(lane())
+    except BaseExceptionGroup as failed:  # the first failure, as a single call would have raised it
+        raise failed.exceptions[0] from None
+    return results
+
+
 class Management:
     def __init__(self, config: Config, client: PartitionClient) -> None:
         self.config = config
@@ -138,7 +166,7 @@ class Management:
             ids = [translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds]
         else:
             ids = [translate.check_instance_id(request.instanceId, self.config)]
-        counts = await asyncio.gather(*(self.purge_instance(i, request.recursive, timeout) for i in ids))
+        counts = await _each(ids, lambda i: self.purge_instance(i, request.recursive, timeout))
         return pb.PurgeInstancesResponse(deletedInstanceCount=sum(counts), isComplete=wrappers_pb2.BoolValue(value=True))
 
     async def purge_instance(
@@ -156,9 +184,7 @@ class Management:
             info = await self.client.request(partition, {"op": "get_children", "i": instance_id, **of_parent}, timeout)
             if info is None or info["s"] not in TERMINAL_STATUSES:
                 return 0
-            counts = await asyncio.gather(
-                *(self.purge_instance(c, True, timeout, depth + 1, instance_id) for c in info["ch"])
-            )
+            counts = await _each(info["ch"], lambda c: self.purge_instance(c, True, timeout, depth + 1, instance_id))
             deleted += sum(counts)
         result = await self.client.request(partition, {"op": "purge", "i": instance_id, **of_parent}, timeout)
         return deleted + result["deleted"]
@@ -224,12 +250,8 @@ class Management:
         """Terminate each instance at once, without waiting for a worker; report the ones left alone."""
         reason = request.reason.value if request.HasField("reason") else None
         ids = [translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds]
-        results = await asyncio.gather(
-            *(
-                self.client.request(self.client.partition_of(i), {"op": "force_terminate", "i": i, "out": reason}, timeout)
-                for i in ids
-            )
-        )
+        results = await _each(ids, lambda i: self.client.request(
+            self.client.partition_of(i), {"op": "force_terminate", "i": i, "out": reason}, timeout))
         left = [i for i, result in zip(ids, results, strict=True) if not result["terminated"]]
         return pb.SkipGracefulOrchestrationTerminationsResponse(unterminatedInstanceIds=left)
 

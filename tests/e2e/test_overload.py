@@ -510,3 +510,39 @@ def test_an_instance_whose_work_item_outgrows_the_limit_fails_and_the_worker_goe
     finally:
         w.stop()
         client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one call that fans out to many partition requests
+# ---------------------------------------------------------------------------------------------------------
+PURGE_BATCH = 100_000
+
+
+def test_a_purge_of_a_huge_id_batch_does_not_stall_the_gateway(tmp_path):
+    """PurgeInstances with 100,000 ids in its instanceBatch. The gateway once built a request for every id before
+    it sent any: its loop stalled for seconds, its heartbeats stopped, and the partitions dropped it (releasing
+    every work item its workers held, so running activities ran twice). It now keeps a bounded number in flight,
+    so with a 2 s gateway timeout no partition finds it silent, and the purge counts what it deleted."""
+    rt = make_runtime(tmp_path / "data", extra_args=["--gateway-timeout-s", "2", "--heartbeat-interval-s", "0.2"])
+    rt.start()
+    client = TaskHubGrpcClient(host_address=rt.address)
+    w = dt_worker.TaskHubGrpcWorker(host_address=rt.address)
+    w.add_orchestrator(ovl_echo)
+    w.start()
+    try:
+        done = [client.schedule_new_orchestration(ovl_echo, input={"tag": n, "pad": ""}, instance_id=new_id("ovl-p"))
+                for n in range(3)]
+        for instance_id in done:
+            assert client.wait_for_orchestration_completion(instance_id, timeout=DEADLINE_S) is not None
+        ids = done + [f"ovl-unknown-{n}" for n in range(PURGE_BATCH - len(done))]
+        with grpc.insecure_channel(rt.address) as channel:
+            purged = stubs.TaskHubSidecarServiceStub(channel).PurgeInstances(pb.PurgeInstancesRequest(
+                instanceBatch=pb.InstanceBatch(instanceIds=ids)), timeout=120)
+        assert purged.deletedInstanceCount == len(done), purged
+        log = rt.log_path.read_text(errors="replace")
+        assert "silent; releasing its work items" not in log, rt.log_tail()
+        assert_a_small_instance_still_runs(client)
+    finally:
+        w.stop()
+        client.close()
+        rt.close()
