@@ -27,6 +27,13 @@ Matcher = Callable[[str, str | None], bool] | None
 SCAN_BUDGET = 10_000  # ready rows one dispatch call looks at, at most
 
 
+def forget(state: CoreState, matches: Matcher) -> None:
+    """`matches` is no longer used: its walks' places go."""
+    if matches is not None:
+        for key in [key for key in state.scan_resume if key[1] == id(matches)]:
+            del state.scan_resume[key]
+
+
 class _Walk:
     """Ready rows from the low-water mark on.
 

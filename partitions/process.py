@@ -260,6 +260,9 @@ class PartitionProcess:
             kind = message.get("k")
             if gateway is not None and kind in dispatch.DISPATCHERS:
                 slot = (str(message.get("g", "*")), kind)
+                if message.get("end"):
+                    self.forget_group(gateway, slot)
+                    return
                 gateway.credits[slot] = gateway.credits.get(slot, 0) + int(message.get("n", 0))
                 gateway.keep[slot] = int(message.get("keep", 0))
                 if slot not in gateway.matchers:
@@ -453,6 +456,17 @@ class PartitionProcess:
                         {"op": "ret", "k": kind, "g": group, "n": excess, "p": self.partition}, to=gateway.identity
                     )
                 gateway.credits[(group, kind)] = credit
+
+    def forget_group(self, gateway: Gateway, slot: tuple[str, str]) -> None:
+        """The gateway has no stream of this group (one per distinct set of work-item filters) left: hand its
+        credits back and drop what we kept for it, filters and the filtered walk's place included."""
+        group, kind = slot
+        credit = gateway.credits.pop(slot, 0)
+        gateway.keep.pop(slot, None)
+        dispatch.forget(self.state, gateway.matchers.pop(slot, None))
+        if credit > 0:
+            self.channel.send({"op": "ret", "k": kind, "g": group, "n": credit, "p": self.partition},
+                              to=gateway.identity)
 
     def report_demand(self, txn: StoreTxn) -> None:
         """Tell gateways how much ready work we could not dispatch for lack of credits."""

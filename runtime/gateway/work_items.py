@@ -149,12 +149,10 @@ class WorkDispatcher:
         kind = message.get("k", "")
         group = message.get("g", ALL)
         if op == "wi":
-            slot = (partition, group, kind)
-            self.outstanding[slot] = max(0, self.outstanding[slot] - 1)
+            self._spent(partition, group, kind, 1)
             self._deliver(partition, group, kind, message["tok"], message["wi"])
         elif op == "ret":
-            slot = (partition, group, kind)
-            self.outstanding[slot] = max(0, self.outstanding[slot] - int(message.get("n", 0)))
+            self._spent(partition, group, kind, int(message.get("n", 0)))
             self.schedule_grant()
         elif op == "demand":
             for k in KINDS:
@@ -246,12 +244,22 @@ class WorkDispatcher:
                 self.client.send(partition, message)
         return for_demand
 
+    def _spent(self, partition: int, group: str, kind: str, n: int) -> None:
+        """`n` credits of a slot came back or were used. A group without streams is forgotten once it holds none:
+        every distinct set of work-item filters is a group of its own."""
+        slot = (partition, group, kind)
+        self.outstanding[slot] = max(0, self.outstanding[slot] - n)
+        if not self.outstanding[slot] and (group, kind) not in self.keep:
+            del self.outstanding[slot]
+
     def _withdraw(self, kind: str, group: str) -> None:
-        """Standing credits of a group with no streams left go back (keep=0)."""
+        """A group with no streams left: the partitions hand back its credits and forget it ("end")."""
         del self.keep[(group, kind)]
         for partition in range(self.partitions):
-            if self.outstanding.get((partition, group, kind)):
-                self.client.send(partition, {"op": "credit", "k": kind, "g": group, "n": 0, "keep": 0})
+            slot = (partition, group, kind)
+            self.client.send(partition, {"op": "credit", "k": kind, "g": group, "n": 0, "keep": 0, "end": True})
+            if not self.outstanding.get(slot):
+                self.outstanding.pop(slot, None)
 
     def held_count(self) -> int:
         return len(self.owner)
