@@ -2,7 +2,9 @@
 
 from typing import Any
 
-MAX_MS = (1 << 63) - 1  # the largest millisecond value timer and index keys hold
+# The last millisecond a google.protobuf.Timestamp may name (9999-12-31T23:59:59.999Z). Later times are clamped to
+# it on the way in, so every timestamp the engine hands back is one that any SDK can read.
+MAX_MS = 253_402_300_799_999
 
 
 def timestamp_ms(ts: Any) -> int:

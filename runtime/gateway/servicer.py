@@ -224,13 +224,18 @@ class Servicer:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "this node is shutting down; connect to another node or retry"
             )
+        limits = {
+            "o": request.maxConcurrentOrchestrationWorkItems,
+            "a": request.maxConcurrentActivityWorkItems,
+            "e": request.maxConcurrentEntityWorkItems,
+        }
+        if min(limits.values()) < 0:  # the stream would never get work
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"maxConcurrent*WorkItems must not be negative (0 means {DEFAULT_WORK_ITEM_LIMIT}),"
+                                f" got orchestrations {limits['o']}, activities {limits['a']}, entities {limits['e']}")
         stream = WorkerStream(
             filters=translate.work_item_filters(request),
-            limits={
-                "o": request.maxConcurrentOrchestrationWorkItems or DEFAULT_WORK_ITEM_LIMIT,
-                "a": request.maxConcurrentActivityWorkItems or DEFAULT_WORK_ITEM_LIMIT,
-                "e": request.maxConcurrentEntityWorkItems or DEFAULT_WORK_ITEM_LIMIT,
-            }
+            limits={kind: limit or DEFAULT_WORK_ITEM_LIMIT for kind, limit in limits.items()},
         )
         self.dispatcher.add_stream(stream)
         # The call's end removes the stream even if this generator is left suspended at a yield (grpc then

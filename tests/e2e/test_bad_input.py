@@ -69,6 +69,22 @@ def test_signal_to_an_entity_id_the_sdks_cannot_parse_is_refused(raw_stub, entit
     assert "@name@key" in err.details(), err.details()
 
 
+@pytest.mark.engine_only  # the in-memory backend hands the timestamp back as it came
+def test_a_start_time_past_year_9999_comes_back_as_a_timestamp_sdks_can_read(raw_stub):
+    """A Timestamp may name no time after 9999-12-31. A later scheduled start is clamped to that on the way in,
+    instead of coming back out of range (the .NET and Java SDKs throw on such a value)."""
+    from google.protobuf import timestamp_pb2
+
+    instance_id = new_id("far")
+    raw_stub.StartInstance(pb.CreateInstanceRequest(
+        instanceId=instance_id, name="far", scheduledStartTimestamp=timestamp_pb2.Timestamp(seconds=2**40)),
+        timeout=RPC_TIMEOUT_S)
+    got = raw_stub.GetInstance(pb.GetInstanceRequest(instanceId=instance_id), timeout=RPC_TIMEOUT_S)
+    start = got.orchestrationState.scheduledStartTimestamp
+    assert start.ToDatetime().year == 9999, start  # ToDatetime raises on a value out of range
+    raw_stub.TerminateInstance(pb.TerminateRequest(instanceId=instance_id), timeout=RPC_TIMEOUT_S)
+
+
 @pytest.mark.engine_only  # the in-memory backend silently accepts
 def test_terminate_with_empty_instance_id(raw_stub):
     assert_code(lambda: raw_stub.TerminateInstance(pb.TerminateRequest(instanceId=""), timeout=RPC_TIMEOUT_S),
@@ -191,4 +207,16 @@ def test_garbage_bytes_on_work_item_stream(raw_channel, raw_stub, client):
         for _ in call(GARBAGE[0], timeout=RPC_TIMEOUT_S):
             pass
     assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL)
+    assert_still_serving(raw_stub, client)
+
+
+@pytest.mark.engine_only  # the in-memory backend ignores the limits
+def test_a_work_item_stream_with_a_negative_limit_is_refused(raw_stub, client):
+    """A negative maxConcurrent* once opened a stream that quietly never got work."""
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in raw_stub.GetWorkItems(pb.GetWorkItemsRequest(maxConcurrentActivityWorkItems=-1),
+                                       timeout=RPC_TIMEOUT_S):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "must not be negative" in err.value.details(), err.value.details()
     assert_still_serving(raw_stub, client)
