@@ -7,6 +7,7 @@ partition built.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -31,6 +32,7 @@ SERVICE_NAME = "TaskHubSidecarService"
 SERVICE = pb.DESCRIPTOR.services_by_name[SERVICE_NAME]
 HEALTH_PING = pb.WorkItem(healthPing=pb.HealthPing()).SerializeToString()
 DEFAULT_WORK_ITEM_LIMIT = 100
+_WAIT_MARGIN_S = 0.05
 _NO_DEADLINE_WAIT_S = 7 * 24 * 3600.0
 
 STATUS_BY_CODE = {
@@ -129,7 +131,10 @@ class Servicer:
     async def _wait(self, kind: str, request: Any, context: Any) -> pb.GetInstanceResponse:
         """Push-based: the owning partition answers when the status changes, or the deadline ends the call."""
         translate.check_instance_id(request.instanceId, self.config)
-        timeout = self._timeout(context, _NO_DEADLINE_WAIT_S)
+        # The wait ends a little before the caller's deadline, so that our DEADLINE_EXCEEDED reaches the caller
+        # while its call is still open; at the deadline itself gRPC ends the call first, and the status that
+        # could no longer be sent was logged as an error for every wait that timed out.
+        timeout = max(0.001, self._timeout(context, _NO_DEADLINE_WAIT_S) - _WAIT_MARGIN_S)
         command = {
             "op": "wait",
             "i": request.instanceId,
@@ -141,7 +146,10 @@ class Servicer:
         try:
             state = await self.client.request(partition, command, timeout)
         except DurableRuntimeError:
-            if context.time_remaining() is not None and context.time_remaining() <= 0.05:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 2 * _WAIT_MARGIN_S:
+                if context.cancelled():  # too late even so (a loop that ran behind): nobody to tell
+                    raise asyncio.CancelledError() from None
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting")
             raise
         return translate.instance_response(state)

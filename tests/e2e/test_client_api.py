@@ -157,6 +157,36 @@ def test_wait_for_completion_times_out(client):
     finish(client, iid, OrchestrationStatus.TERMINATED)
 
 
+@pytest.mark.engine_only  # the message and the log are the engine's
+def test_waits_that_time_out_get_the_servers_deadline_exceeded_and_log_no_error(runtime, client):
+    """A wait ends a little before its caller's deadline, so the engine's own DEADLINE_EXCEEDED reaches the caller.
+    At the deadline itself gRPC had ended the call first, and every wait that timed out logged an error with a
+    traceback (ExecuteBatchError) in the gateway."""
+    import asyncio
+
+    from durabletask.internal import orchestrator_service_pb2_grpc as stubs
+
+    iid = client.schedule_new_orchestration(wait_for_go, instance_id=new_id())
+
+    async def waits() -> list[grpc.aio.AioRpcError]:
+        async with grpc.aio.insecure_channel(runtime.address) as channel:
+            stub = stubs.TaskHubSidecarServiceStub(channel)
+
+            async def one() -> grpc.aio.AioRpcError:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.WaitForInstanceCompletion(pb.GetInstanceRequest(instanceId=iid), timeout=1.0)
+                return err.value
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    errors = asyncio.run(waits())
+    assert {(e.code(), e.details()) for e in errors} == {
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting")}, errors[0]
+    assert "ExecuteBatchError" not in runtime.log_path.read_text(errors="replace"), runtime.log_tail()
+    client.terminate_orchestration(iid)
+    finish(client, iid, OrchestrationStatus.TERMINATED)
+
+
 def test_wait_for_completion_of_already_completed_instance(client):
     iid = client.schedule_new_orchestration(add_one, input=0, instance_id=new_id())
     finish(client, iid)
