@@ -200,12 +200,18 @@ def finish_execution(
         )
 
 
+_OUTLIVE_AN_EXECUTION = frozenset(("eventRaised", "executionTerminated", "executionSuspended", "executionResumed"))
+
+
 def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationAction, new_input: str | None) -> None:
     """Reset history; the next work item starts with executionStarted(new input), carry-over, then arrivals."""
     instance_id, record = out.instance_id, out.record
-    leftovers = ctx.txn.inbox(instance_id)
-    if any(event.executionTerminated.recurse for event in (pb.HistoryEvent.FromString(raw) for _, raw in leftovers)
-           if event.HasField("executionTerminated")):
+    # What arrived while this turn was out: events and control messages go on to the new execution. Results of
+    # the old one's tasks, timers, children, entity calls and lock requests stay with it: the new execution
+    # numbers its tasks from 0 again, and the SDK would match such a result to a task of its own.
+    leftovers = [event for event in (pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id))
+                 if event.WhichOneof("eventType") in _OUTLIVE_AN_EXECUTION]
+    if any(event.executionTerminated.recurse for event in leftovers if event.HasField("executionTerminated")):
         terminate_children(ctx, instance_id, record, None, [])  # before the list goes: it carries over only here
     # Children belong to the execution that started them, as in its history: an eternal orchestration's list
     # would otherwise grow for ever, and a recursive terminate or purge reach every past generation's children.
@@ -227,7 +233,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     ctx.unqueue(record)
     if record["s"] != ev.SUSPENDED:
         ctx.set_status(instance_id, record, ev.RUNNING)
-    carried = [event.SerializeToString() for event in complete.carryoverEvents] + [raw for _, raw in leftovers]
+    carried = [event.SerializeToString() for event in (*complete.carryoverEvents, *leftovers)]
     carried = _in_step_with_suspension(ctx, record, carried)
     # What may wake the new execution through a hold is what it carries, not what woke the old one.
     record["wk"] = max([_wake_of(pb.HistoryEvent.FromString(raw)) for raw in carried], default=0)

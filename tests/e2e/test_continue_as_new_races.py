@@ -5,17 +5,24 @@ continues as new. The official SDK worker, stopped while both arrive so that one
   accepted, so the instance still ends TERMINATED, with the terminate's output.
 - The suspend went to the old execution; the new one is suspended as well, and a resume then lets it run on
   (the SDK fails an instance on a resume it has no suspend for).
+
+And a result of the old execution that arrives while the turn continuing as new is out: it stays with the old
+execution, or the new one, numbering its tasks from 0 again, would take it for its own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from durabletask import task
-from durabletask.client import OrchestrationStatus
+from durabletask.client import OrchestrationStatus, TaskHubGrpcClient
 
-from .helpers import DEADLINE_S, new_id, wait_until
+from .conftest import EngineRuntime
+from .helpers import DEADLINE_S, new_id, new_worker, wait_until
 
 pytestmark = pytest.mark.engine_only
 
@@ -70,3 +77,53 @@ def test_a_suspend_that_arrives_with_the_continue_as_new_event_suspends_the_new_
     state = client.wait_for_orchestration_completion(instance_id, timeout=DEADLINE_S)
     assert state.runtime_status == OrchestrationStatus.COMPLETED, state.failure_details
     assert state.serialized_output == '"done"'
+
+
+# the old execution's result, held back until the turn that continues as new is out
+TURN_OUT, RESULT_IN = threading.Event(), threading.Event()
+RELEASE = {0: threading.Event(), 1: threading.Event()}
+
+
+def can_held_activity(ctx: task.ActivityContext, generation: int) -> int:
+    RELEASE[generation].wait(DEADLINE_S)
+    return generation
+
+
+def can_results(ctx: task.OrchestrationContext, generation: int):
+    work = ctx.call_activity(can_held_activity, input=generation)  # task 0, in every generation
+    if generation == 0:
+        yield ctx.create_timer(timedelta(0))
+        if not ctx.is_replaying:  # the turn that continues as new: held until the old result is in
+            TURN_OUT.set()
+            RESULT_IN.wait(DEADLINE_S)
+        ctx.continue_as_new(1)
+        return None
+    result = yield work
+    return result
+
+
+def test_a_result_of_the_old_execution_is_not_taken_by_the_new_one(tmp_path: Path):
+    for event in (TURN_OUT, RESULT_IN, *RELEASE.values()):
+        event.clear()
+    RELEASE[1].set()
+    rt = EngineRuntime(tmp_path / "data")
+    rt.start()
+    worker = new_worker(rt.address, [can_results], [can_held_activity], thread_pool=4)
+    client = TaskHubGrpcClient(host_address=rt.address)
+    try:
+        instance_id = client.schedule_new_orchestration(can_results, input=0, instance_id=new_id("can-result"))
+        assert TURN_OUT.wait(DEADLINE_S), "the turn that continues as new never ran"
+        before = client.get_orchestration_state(instance_id).last_updated_at
+        RELEASE[0].set()  # generation 0's activity returns 0 while that turn is out
+        wait_until(lambda: client.get_orchestration_state(instance_id).last_updated_at > before,
+                   message="the old execution's result to be stored")
+        RESULT_IN.set()
+        state = client.wait_for_orchestration_completion(instance_id, timeout=DEADLINE_S)
+        assert state.runtime_status == OrchestrationStatus.COMPLETED, state.failure_details
+        assert state.serialized_output == "1", "the new execution took the old one's result"
+    finally:
+        for event in (TURN_OUT, RESULT_IN, *RELEASE.values()):
+            event.set()
+        worker.stop()
+        client.close()
+        rt.close()

@@ -331,6 +331,27 @@ def test_continue_as_new_resets_history_and_next_item_has_carryover_then_arrival
     assert [e.eventRaised.name for e in request.newEvents[2:]] == ["carried", "arrived"]
 
 
+def test_continue_as_new_carries_events_but_not_the_old_executions_results(core):
+    """An activity result and a fired timer of the old execution that arrive while the turn continuing as new is
+    out stay with the old execution. The new one numbers its tasks from 0 again, and the SDK would take such a
+    result for one of its own tasks (a reviewer's loop got generation N's results in generation N+1)."""
+    core.start("a")
+    core.run_first("a", [schedule_task(0, "Slow"), create_timer(1, T0 + 5)])
+    [(activity_token, _)] = core.dispatch_act()
+    core.request({"op": "raise", "i": "a", "n": "go"})
+    token, _ = core.dispatch_one("a")  # the turn that will continue as new is out
+    core.complete_act("a", 0, activity_token, result='"old"')
+    core.apply({"op": "fire_timers"}, now=T0 + 5)
+    core.request({"op": "raise", "i": "a", "n": "later", "in": '"m"'})
+    assert {"taskCompleted", "timerFired", "eventRaised"} <= set(kinds(core.inbox("a")))
+
+    core.complete_orch("a", token, [complete(0, CONTINUED_AS_NEW, '"next"')])
+
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents) == ["orchestratorStarted", "executionStarted", "eventRaised"]
+    assert request.newEvents[2].eventRaised.name == "later"
+
+
 def test_continue_as_new_does_not_wake_completion_waiters(core):
     core.start("a")
     core.run_first("a")
