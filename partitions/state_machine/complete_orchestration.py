@@ -11,6 +11,7 @@ from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
 from partitions.state_machine.state import Lease
+from partitions.store.keys import entity_id_problem
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import InvalidArgumentError, StaleCompletionError
 
@@ -137,9 +138,16 @@ def apply_fail_too_large(ctx: Ctx, cmd: dict[str, Any]) -> None:
 def _apply_actions(ctx: Ctx, out: Outcome, response: pb.OrchestratorResponse) -> tuple[str, str] | None:
     """Apply every action, or none of them when one is unknown (the instance then fails)."""
     kinds = [action.WhichOneof("orchestratorActionType") for action in response.actions]
-    for kind in kinds:
+    for action, kind in zip(response.actions, kinds, strict=True):
         if kind not in HANDLERS:
             return ("InvalidAction", f"orchestrator action '{kind}' is not a known action")
+        if kind == "sendEntityMessage" and action.sendEntityMessage.HasField("entityLockRequested"):
+            # Checked whole before anything is locked: a lock set that stopped at an id no entity can have
+            # would leave the entities before it locked, and the orchestration waiting, for good.
+            for entity_id in action.sendEntityMessage.entityLockRequested.lockSet:
+                problem = entity_id_problem(entity_id)
+                if problem is not None:
+                    return ("InvalidEntityId", f"the lock request names '{entity_id}', which {problem}")
     for action, kind in zip(response.actions, kinds, strict=True):
         HANDLERS[kind](ctx, out, action)
     return None

@@ -88,14 +88,21 @@ class Ctx:
             )
             return
         if op == "entity_msg":
+            from partitions.state_machine.entities import (  # local import: entities imports us
+                answer_call,
+                unlock,
+            )
+
             event = pb.HistoryEvent.FromString(message["ev"])
             if event.HasField("entityOperationCalled"):
-                from partitions.state_machine.entities import answer_call  # local import: entities imports us
-
                 failure = pb.TaskFailureDetails(errorType="InvalidEntityId", isNonRetriable=True,
                                                 errorMessage=f"the entity id '{instance_id}' {problem}")
                 answer_call(self, event.entityOperationCalled, None, failure)
                 return
+            if event.HasField("entityLockRequested"):  # (lock sets are checked whole when asked for; not older ones)
+                request = event.entityLockRequested
+                unlock(self, request.parentInstanceId.value, request.criticalSectionId,
+                       request.lockSet[:request.position])  # the entities before it are locked: free them
         log.warning("partition %d: dropped a %r message to %r: the id %s", self.state.partition, op, instance_id,
                     problem)
 

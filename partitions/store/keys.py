@@ -74,14 +74,15 @@ def orchestration_id_problem(instance_id: str) -> str | None:
 
 
 def entity_id_problem(entity_id: str) -> str | None:
-    """Why `entity_id` cannot name an entity, or None. Entity ids read `@name@key`, and the SDKs refuse a
-    name or key that is empty or contains '@' (their workers cannot run such an entity's operations)."""
+    """Why `entity_id` cannot name an entity, or None. Entity ids read `@name@key`: the name is not empty and
+    has no '@'; the key is not empty and may have one (the .NET SDK allows an e-mail address as a key; the
+    Python SDK does not, so its workers cannot run such an entity)."""
     problem = id_problem(entity_id)
     if problem is not None:
         return problem
     name, at, key = entity_id[1:].partition("@")
-    if not entity_id.startswith("@") or not at or not name or not key or "@" in key:
-        return "must have the form @name@key, with a name and a key that are not empty and contain no '@'"
+    if not entity_id.startswith("@") or not at or not name or not key:
+        return "must have the form @name@key, with a name (no '@') and a key, neither empty"
     return None
 
 

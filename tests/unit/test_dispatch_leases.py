@@ -535,6 +535,28 @@ def test_a_lock_granted_after_its_orchestration_continued_as_new_is_released(cor
     assert not core.record("o2").get("lx")
 
 
+def test_a_lock_set_naming_an_id_no_entity_can_have_fails_the_orchestration_and_locks_nothing(core):
+    """Lock requests travel along the set, one entity after the other: one that reached such an id would leave
+    the entities before it locked and the orchestration waiting, for good. The set is checked whole first."""
+    a = "@counter@a"
+    core.start("o1")
+    core.run_first("o1", [_lock_action([a, "@@nobody"], "o1")])
+    assert core.status("o1") == FAILED
+    failure = pb.TaskFailureDetails.FromString(core.record("o1")["fd"])
+    assert failure.errorType == "InvalidEntityId" and "'@@nobody'" in failure.errorMessage, failure
+    assert _locked_by(core, a) is None
+
+
+def test_an_entity_key_may_hold_an_at_sign(core):
+    """As the .NET SDK allows (an e-mail address as a key)."""
+    user = "@user@alice@example.com"
+    core.start("o1")
+    core.run_first("o1", [_lock_action([user], "o1")])
+    assert _locked_by(core, user) == "o1"
+    _, request = core.dispatch_one("o1")
+    assert "entityLockGranted" in kinds(request.newEvents)
+
+
 def test_a_filtered_worker_reaches_its_work_behind_more_rows_than_one_walk_looks_at(core, monkeypatch):
     """Work no connected worker accepts (say, for a version none runs any more) piles up ahead: a worker with
     filters goes on where its last walk stopped instead of looking at the same rows again every time."""

@@ -8,12 +8,12 @@ import pytest
 from partitions.store.keys import entity_id_problem, orchestration_id_problem
 
 
-@pytest.mark.parametrize("entity_id", ["@counter@k", "@Counter@a b", "@n@" + "k" * 400])
+@pytest.mark.parametrize("entity_id", ["@counter@k", "@Counter@a b", "@n@" + "k" * 400, "@user@alice@example.com"])
 def test_entity_ids_read_at_name_at_key(entity_id: str) -> None:
     assert entity_id_problem(entity_id) is None
 
 
-@pytest.mark.parametrize("entity_id", ["", "counter@k", "@counter", "@@k", "@counter@", "@counter@a@b", "@c@k\x00"])
+@pytest.mark.parametrize("entity_id", ["", "counter@k", "@counter", "@@k", "@counter@", "@@", "@c@k\x00"])
 def test_other_entity_ids_are_refused(entity_id: str) -> None:
     assert entity_id_problem(entity_id) is not None
 
