@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -231,6 +232,16 @@ def read_token(args: argparse.Namespace) -> str:
     return token
 
 
+def system_roots() -> bytes | None:
+    """The system's trusted CAs, as OpenSSL finds them (SSL_CERT_FILE, else the distribution's bundle). gRPC
+    would otherwise use the set it ships with, which lacks a corporate CA installed on the machine. None (gRPC's
+    choice) when GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names a file, or no bundle is found."""
+    if os.environ.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+        return None
+    bundle = ssl.get_default_verify_paths().cafile
+    return Path(bundle).read_bytes() if bundle and os.path.isfile(bundle) else None
+
+
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", -1)]
     if not (args.tls or args.tls_ca_file):
@@ -239,7 +250,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
     client = args.tls_client_cert_file and args.tls_client_key_file
     creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(args.tls_ca_file).read_bytes() if args.tls_ca_file else None,  # None: the system's
+        root_certificates=Path(args.tls_ca_file).read_bytes() if args.tls_ca_file else system_roots(),
         private_key=Path(args.tls_client_key_file).read_bytes() if client else None,
         certificate_chain=Path(args.tls_client_cert_file).read_bytes() if client else None,
     )
@@ -431,7 +442,7 @@ def common_options() -> argparse.ArgumentParser:
                    help="sent as 'authorization: Bearer <token>' (env DURABLE_RUNTIME_API_TOKEN)")
     g.add_argument("--api-token-file", default="", help="file holding the API token (instead of --api-token)")
     g.add_argument("--tls", action="store_true",
-                   help="connect over TLS, trusting the system's root CAs (gRPC reads GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)")
+                   help="connect over TLS, trusting the system's root CAs (SSL_CERT_FILE, or GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)")
     g.add_argument("--tls-ca-file", default=env("DURABLE_RUNTIME_TLS_CA_FILE", ""),
                    help="PEM root CA: connect over TLS, trusting this CA (env DURABLE_RUNTIME_TLS_CA_FILE)")
     g.add_argument("--tls-server-name", default="", help="expected name in the server certificate (TLS)")

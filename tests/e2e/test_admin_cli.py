@@ -465,15 +465,19 @@ def test_tls_mutual_tls_and_token(secure_runtime):
     assert no_client_cert.returncode == 1 and no_client_cert.stderr.startswith("error: "), no_client_cert
     assert "Traceback" not in plaintext.stderr + no_client_cert.stderr
 
-    # --tls trusts the system's roots, which gRPC takes from GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when it is set.
+    # --tls trusts the system's roots: OpenSSL's bundle, which SSL_CERT_FILE names here, or the file that
+    # GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names.
     client_cert = tls[2:]
-    system = run_cli(rt.address, "instances", "list", "--tls", *client_cert, "--api-token", TOKEN,
-                     env={"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(certs["ca.pem"])})
-    assert system.returncode == 0, system
-    untrusted = run_cli(rt.address, "instances", "list", "--tls", *client_cert, "--api-token", TOKEN,
-                        "--timeout", "5", env={"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(certs["client.pem"])})
-    # (gRPC's own log line about the failed handshake may come first)
-    assert untrusted.returncode == 1 and untrusted.stderr.splitlines()[-1].startswith("error: "), untrusted
+    variables = ("SSL_CERT_FILE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
+    for variable in variables:
+        others = {other: "" for other in variables if other != variable}  # the machine may set them
+        system = run_cli(rt.address, "instances", "list", "--tls", *client_cert, "--api-token", TOKEN,
+                         env={**others, variable: str(certs["ca.pem"])})
+        assert system.returncode == 0, (variable, system)
+        untrusted = run_cli(rt.address, "instances", "list", "--tls", *client_cert, "--api-token", TOKEN,
+                            "--timeout", "5", env={**others, variable: str(certs["client.pem"])})
+        # (gRPC's own log line about the failed handshake may come first)
+        assert untrusted.returncode == 1 and untrusted.stderr.splitlines()[-1].startswith("error: "), untrusted
 
     padded = run_cli(rt.address, "instances", "list", *tls, env={"DURABLE_RUNTIME_API_TOKEN": f" {TOKEN}\n"})
     assert padded.returncode == 0, padded  # surrounding whitespace is not part of the token, as for the node
