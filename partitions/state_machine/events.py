@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from protos import orchestrator_service_pb2 as pb
-from runtime.wire import MAX_MS
+from runtime.wire import MAX_MS, ms_timestamp
 from runtime.wire import timestamp_ms as timestamp_ms  # re-exported for the core's modules
 
 RUNNING = pb.ORCHESTRATION_STATUS_RUNNING
@@ -21,7 +21,7 @@ TERMINAL = frozenset({COMPLETED, FAILED, CANCELED, TERMINATED})
 
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+    return ms_timestamp(ms)
 
 
 def string_value(value: str | None) -> wrappers_pb2.StringValue | None:

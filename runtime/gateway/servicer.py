@@ -134,7 +134,8 @@ class Servicer:
         # The wait ends a little before the caller's deadline, so that our DEADLINE_EXCEEDED reaches the caller
         # while its call is still open; at the deadline itself gRPC ends the call first, and the status that
         # could no longer be sent was logged as an error for every wait that timed out.
-        timeout = max(0.001, self._timeout(context, _NO_DEADLINE_WAIT_S) - _WAIT_MARGIN_S)
+        timeout = self._timeout(context, _NO_DEADLINE_WAIT_S)
+        timeout -= min(_WAIT_MARGIN_S, timeout / 4)  # a short deadline keeps most of its time
         command = {
             "op": "wait",
             "i": request.instanceId,

@@ -11,7 +11,7 @@ from partitions.store.keys import entity_id_problem, id_problem
 from protos import orchestrator_service_pb2 as pb
 from runtime.config import Config
 from runtime.errors import InvalidArgumentError
-from runtime.wire import timestamp_ms
+from runtime.wire import ms_timestamp, timestamp_ms
 
 Command = dict[str, Any]
 
@@ -19,9 +19,7 @@ Command = dict[str, Any]
 
 
 def _ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
-    if not ms:
-        return None
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+    return ms_timestamp(ms) if ms else None
 
 
 def _sv(value: str | None) -> wrappers_pb2.StringValue | None:

@@ -250,3 +250,13 @@ def test_a_missing_layout_file_is_not_rewritten_with_another_count(tmp_path: Pat
     assert not (tmp_path / LAYOUT_FILE).exists()
     check_data_dir(Config(data_dir=str(tmp_path), partitions=3))
     assert (tmp_path / LAYOUT_FILE).exists()
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
+    ("0.0.0.0", False), ("10.1.2.3", False), ("fd00::7", False), ("node-0.durable", False),
+])
+def test_the_plaintext_warnings_know_every_spelling_of_loopback(host: str, loopback: bool) -> None:
+    from runtime.supervisor import _is_loopback
+
+    assert _is_loopback(host) is loopback
