@@ -35,6 +35,11 @@ class Config:
     gateway_timeout_s: float = _opt(10.0, "a partition releases the work items of a gateway it has not heard from for this long")
     heartbeat_interval_s: float = _opt(1.0, "how often gateways and partitions exchange heartbeats")
     health_ping_interval_s: float = _opt(30.0, "idle worker streams get a healthPing work item this often")
+    keepalive_s: float = _opt(
+        20.0,
+        "the gateway pings each client connection this often, and closes one that does not answer within as long:"
+        " the streams of a frozen or vanished worker end, and their work items go back to the queue",
+    )
     request_timeout_s: float = _opt(30.0, "gateway-side limit for a client RPC that carries no deadline")
     max_request_bytes: int = _opt(
         4 * 1024 * 1024,
@@ -153,6 +158,7 @@ def validate(config: Config) -> None:
         )
     for flag, value in (
         ("--health-ping-interval-s", config.health_ping_interval_s),
+        ("--keepalive-s", config.keepalive_s),
         ("--request-timeout-s", config.request_timeout_s),
         ("--gateway-timeout-s", config.gateway_timeout_s),
         ("--outbox-resend-interval-s", config.outbox_resend_interval_s),

@@ -287,3 +287,42 @@ def test_sigkill_worker_mid_work_item_then_new_worker(fresh_runtime, tmp_path):
                  if int(p.name.rsplit(".", 2)[1]) == os.getpid()}
     assert parked_tags <= done_tags, f"parked {parked_tags}, re-run {done_tags}"
     record("test_sigkill_worker_mid_work_item_then_new_worker", figures, faults=1)
+
+
+def test_a_frozen_worker_gives_its_work_items_back(tmp_path):
+    """A worker process that stops (SIGSTOP: paused, hung, cut off) keeps its connection looking open, and the
+    heartbeats renew what its streams hold: it held its items, and kept being sent new ones, while a healthy
+    worker sat idle, for as long as it stayed frozen. The gateway's keepalive pings (every --keepalive-s) go
+    unanswered, so it closes that connection: the frozen worker's streams end, and every instance completes on
+    the healthy one."""
+    from durabletask.client import TaskHubGrpcClient
+
+    from .conftest import EngineRuntime
+    from .faults_workload import expected_seq, fw_seq
+
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--keepalive-s", "1"])
+    rt.start()
+    client = TaskHubGrpcClient(host_address=rt.address)
+    frozen = _worker_subprocess(rt.address, tmp_path / "frozen-worker.log")
+    healthy = None
+    try:
+        probe = {"tag": "probe"}
+        client.schedule_new_orchestration(fw_seq, input=probe, instance_id="frozen-probe")
+        state = client.wait_for_orchestration_completion("frozen-probe", timeout=WAIT_S)  # the frozen one is in
+        assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED, state
+        os.kill(frozen.pid, signal.SIGSTOP)
+        healthy = start_worker(rt.address)
+        inputs = {f"frozen-{n}": {"tag": f"t{n}"} for n in range(20)}
+        for instance_id, inp in inputs.items():
+            client.schedule_new_orchestration(fw_seq, input=inp, instance_id=instance_id)
+        for instance_id, inp in inputs.items():
+            state = client.wait_for_orchestration_completion(instance_id, timeout=WAIT_S)
+            assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED, (instance_id, state)
+            assert json.loads(state.serialized_output) == expected_seq(inp)
+    finally:
+        frozen.kill()
+        frozen.wait()
+        if healthy is not None:
+            healthy.stop()
+        client.close()
+        rt.close()
