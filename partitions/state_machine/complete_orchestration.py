@@ -81,6 +81,9 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     # on an earlier event of the batch (the SDK ignores a terminate once it has completed): it was accepted.
     continued = out.complete is not None and out.complete.orchestrationStatus == ev.CONTINUED_AS_NEW
     if failure is not None:
+        # The response's actions were not applied (or not all of them kept): unlocks it carried among them,
+        # the engine sends itself, or a critical section the orchestration had ended would stay locked.
+        release_held_locks(ctx, instance_id)
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None and not (terminate_requested and continued):
         _complete(ctx, out)

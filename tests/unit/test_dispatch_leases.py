@@ -547,6 +547,23 @@ def test_a_lock_set_naming_an_id_no_entity_can_have_fails_the_orchestration_and_
     assert _locked_by(core, a) is None
 
 
+def test_a_response_failed_as_a_whole_still_releases_the_section_it_ended(core):
+    """A response is applied whole or not at all: when one of its actions fails the instance (here a lock set
+    with an id no entity can have), the unlocks it carried for a section it had just left are not applied. The
+    engine then sends them itself, or that section would stay locked for good."""
+    a = "@counter@a"
+    core.start("o1")
+    core.run_first("o1", [_lock_action([a], "o1", "cs-1")])
+    token, _ = core.dispatch_one("o1")  # the grant
+    assert _locked_by(core, a) == "o1"
+    sent = pb.EntityUnlockSentEvent(criticalSectionId="cs-1", parentInstanceId=wrappers_pb2.StringValue(value="o1"),
+                                    targetInstanceId=wrappers_pb2.StringValue(value=a))
+    leave = pb.OrchestratorAction(id=2, sendEntityMessage=pb.SendEntityMessageAction(entityUnlockSent=sent))
+    core.complete_orch("o1", token, [leave, _lock_action(["@@nobody"], "o1", "cs-2")])
+    assert core.status("o1") == FAILED
+    assert _locked_by(core, a) is None
+
+
 def test_an_entity_key_may_hold_an_at_sign(core):
     """As the .NET SDK allows (an e-mail address as a key)."""
     user = "@user@alice@example.com"
