@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "DURABLE_RUNTIME_"
@@ -35,10 +36,12 @@ class Config:
     gateway_timeout_s: float = _opt(10.0, "a partition releases the work items of a gateway it has not heard from for this long")
     heartbeat_interval_s: float = _opt(1.0, "how often gateways and partitions exchange heartbeats")
     health_ping_interval_s: float = _opt(30.0, "idle worker streams get a healthPing work item this often")
-    keepalive_s: float = _opt(
-        20.0,
-        "the gateway pings each client connection this often, and closes one that does not answer within as long:"
-        " the streams of a frozen or vanished worker end, and their work items go back to the queue",
+    keepalive_s: float = _opt(20.0, "the gateway pings each client connection this often (see --keepalive-timeout-s)")
+    keepalive_timeout_s: float = _opt(
+        60.0,
+        "a client connection that does not answer a ping within this is closed: the streams of a frozen or vanished"
+        " worker end and their work items go back to the queue. A client's answer waits behind a request it is"
+        " still sending, so allow for uploading --max-request-bytes over the slowest link",
     )
     request_timeout_s: float = _opt(30.0, "gateway-side limit for a client RPC that carries no deadline")
     max_request_bytes: int = _opt(
@@ -139,7 +142,15 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
     return config
 
 
+_MAX_SECONDS = 1_000_000.0  # about 11.5 days; gRPC takes its durations in int32 milliseconds
+
+
 def validate(config: Config) -> None:
+    for f in fields(Config):
+        value = getattr(config, f.name)
+        if f.name.endswith("_s") and not (math.isfinite(value) and value <= _MAX_SECONDS):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a number of seconds up to {_MAX_SECONDS:,.0f},"
+                             f" got {value}")
     if not 1 <= config.partitions <= 1024:
         raise ValueError(f"--partitions must be between 1 and 1024, got {config.partitions}")
     if not 1 <= config.gateways <= 64:
@@ -159,12 +170,13 @@ def validate(config: Config) -> None:
     for flag, value in (
         ("--health-ping-interval-s", config.health_ping_interval_s),
         ("--keepalive-s", config.keepalive_s),
+        ("--keepalive-timeout-s", config.keepalive_timeout_s),
         ("--request-timeout-s", config.request_timeout_s),
         ("--gateway-timeout-s", config.gateway_timeout_s),
         ("--outbox-resend-interval-s", config.outbox_resend_interval_s),
     ):
-        if value <= 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
+        if not value >= 0.001:  # (and gRPC would read less than a millisecond as 0: no keepalive at all)
+            raise ValueError(f"{flag} must be positive (at least 0.001), got {value}")
     if config.lease_timeout_s <= config.heartbeat_interval_s:
         raise ValueError(
             f"--lease-timeout-s ({config.lease_timeout_s}) must be longer than --heartbeat-interval-s"

@@ -63,10 +63,11 @@ class GatewayServer:
             ("grpc.so_reuseport", 1 if config.gateways > 1 else 0),
             # A worker that stops answering (frozen, paused, cut off) would hold its work items for as long as
             # its connection looks open: the heartbeats renew what its streams hold. gRPC's keepalive pings it and
-            # closes the connection when no answer comes; the ping timeout is what enforces that here.
+            # closes the connection when no answer comes; the ping timeout is what enforces that here. It must
+            # allow for a client's answer queued behind a large request it is still uploading.
             ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(config.keepalive_s * 1000)),
-            ("grpc.http2.ping_timeout_ms", int(config.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]

@@ -292,15 +292,15 @@ def test_sigkill_worker_mid_work_item_then_new_worker(fresh_runtime, tmp_path):
 def test_a_frozen_worker_gives_its_work_items_back(tmp_path):
     """A worker process that stops (SIGSTOP: paused, hung, cut off) keeps its connection looking open, and the
     heartbeats renew what its streams hold: it held its items, and kept being sent new ones, while a healthy
-    worker sat idle, for as long as it stayed frozen. The gateway's keepalive pings (every --keepalive-s) go
-    unanswered, so it closes that connection: the frozen worker's streams end, and every instance completes on
+    worker sat idle, for as long as it stayed frozen. The gateway's keepalive pings go unanswered for
+    --keepalive-timeout-s, so it closes that connection: the frozen worker's streams end, and every instance completes on
     the healthy one."""
     from durabletask.client import TaskHubGrpcClient
 
     from .conftest import EngineRuntime
     from .faults_workload import expected_seq, fw_seq
 
-    rt = EngineRuntime(tmp_path / "data", extra_args=["--keepalive-s", "1"])
+    rt = EngineRuntime(tmp_path / "data", extra_args=["--keepalive-s", "1", "--keepalive-timeout-s", "1"])
     rt.start()
     client = TaskHubGrpcClient(host_address=rt.address)
     frozen = _worker_subprocess(rt.address, tmp_path / "frozen-worker.log")
