@@ -192,11 +192,21 @@ class PartitionProcess:
         self.channel.wake()
 
     async def tick(self) -> None:
-        """Heartbeat-rate housekeeping: expired leases, silent gateways, stale waiters, outbox resends."""
+        """Heartbeat-rate housekeeping: expired leases, silent gateways, stale waiters, outbox resends.
+
+        A tick that comes a whole interval late means this process did not run meanwhile (stopped, a stalled
+        disk, a frozen VM): it says for how long, and housekeeping does not count that time against gateways
+        and leases, whose heartbeats this process could not read."""
         interval = min(self.config.heartbeat_interval_s, 1.0)
+        due = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
-            self.pending.append((None, {"op": "_tick"}))
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            late = time.monotonic() - due
+            due = time.monotonic() + interval
+            tick: dict[str, Any] = {"op": "_tick"}
+            if late > interval:
+                tick["stalled_ms"] = int(late * 1000)
+            self.pending.append((None, tick))
             self.channel.wake()
 
     def arm_timer(self) -> None:
@@ -274,7 +284,7 @@ class PartitionProcess:
             self.drop_waiters(lambda w: w.sender == sender and w.request_id == message.get("rid"),
                               message.get("i"))
         elif op == "_tick":
-            self.housekeeping(now, commands)
+            self.housekeeping(now, commands, int(message.get("stalled_ms", 0)))
         else:
             message["_from"] = sender
             sent_for = message.get("gep")
@@ -315,7 +325,14 @@ class PartitionProcess:
         gateway.reported = None  # re-announce demand after a (re)connect
         self.work_changed = True
 
-    def housekeeping(self, now: int, commands: list[dict[str, Any]]) -> None:
+    def housekeeping(self, now: int, commands: list[dict[str, Any]], stalled_ms: int = 0) -> None:
+        if stalled_ms:
+            log.warning("partition %d did not run for %.1f s; that time does not count as the gateways' silence",
+                        self.partition, stalled_ms / 1000)
+            for gateway in self.gateways.values():
+                gateway.last_seen_ms = min(now, gateway.last_seen_ms + stalled_ms)
+            for lease in self.state.leases_by_token.values():
+                lease.expires_ms += stalled_ms
         silent_ms = int(self.config.gateway_timeout_s * 1000)
         for identity, gateway in list(self.gateways.items()):
             if now - gateway.last_seen_ms > silent_ms:

@@ -64,3 +64,31 @@ def test_the_gateway_lists_the_tokens_its_streams_hold_by_partition(tmp_path) ->
             client.close()
 
     asyncio.run(body())
+
+
+def test_time_the_partition_did_not_run_is_not_the_gateways_silence(process: PartitionProcess) -> None:
+    """A partition that was stopped (SIGSTOP, a stalled disk, a frozen VM) could not read the heartbeats queued
+    for it. Its first tick after that once found every gateway silent and every lease expired, released them
+    all, and activities still running on live streams ran twice. The late tick says how long the partition did
+    not run, and that time is not counted."""
+    now = now_ms()
+    lease = Lease(token="held", kind="a", key=1, gateway=b"g-1", expires_ms=now + 1_000)
+    process.state.add_lease(lease)
+
+    async def body() -> None:
+        process.channel = process.bind()
+        process.classify(b"g-1", {"op": "hb", "held": ["held"]}, now, [])
+        lease.expires_ms = now + 1_000
+        later = now + 20_000  # past the lease and the 10 s gateway timeout, all of it spent stopped
+        commands: list = []
+        process.classify(None, {"op": "_tick", "stalled_ms": 19_500}, later, commands)
+        assert not commands, commands
+        assert b"g-1" in process.gateways
+
+        commands = []
+        process.classify(None, {"op": "_tick"}, later, commands)  # a punctual tick right after: nothing due
+        assert not commands
+        process.classify(None, {"op": "_tick"}, later + 20_000, commands)  # but real silence still counts
+        assert {"op": "release_gateway", "g": b"g-1"} in commands
+
+    asyncio.run(body())
