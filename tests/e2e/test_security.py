@@ -400,10 +400,17 @@ def test_runtime_over_tcp_on_an_ipv6_address(start_runtime: Callable[..., Secure
     """`--zmq-host` may be an IPv6 address: the port check, the partitions' binds and every connection to them
     take it, in brackets where ZeroMQ wants them. (The IPv4-mapped form of 127.0.0.1 keeps the test on
     127.0.0.1; test_channel.py checks that such sockets are told to speak IPv6.)"""
+    rt, base = run_parent_over_tcp(start_runtime, "--zmq-host", "::ffff:127.0.0.1")
+    assert f"tcp://[::ffff:127.0.0.1]:{base}" in rt.log_tail(200)
+    assert rt.terminate() == 0, rt.log_tail()
+
+
+def run_parent_over_tcp(start_runtime: Callable[..., SecureRuntime], *flags: str) -> tuple[SecureRuntime, int]:
+    """A node on the tcp transport (with `flags`) runs a parent and its child on another partition; returns the
+    node and its first partition port."""
     partitions = max(PARTITIONS, 2)
     base = free_port_range(partitions)
-    rt = start_runtime(["--zmq-transport", "tcp", "--zmq-base-port", str(base), "--zmq-host", "::ffff:127.0.0.1"],
-                       partitions=partitions)
+    rt = start_runtime(["--zmq-transport", "tcp", "--zmq-base-port", str(base), *flags], partitions=partitions)
     worker = sdk_worker(host_address=rt.address)
     client = TaskHubGrpcClient(host_address=rt.address)
     try:
@@ -411,8 +418,7 @@ def test_runtime_over_tcp_on_an_ipv6_address(start_runtime: Callable[..., Secure
     finally:
         worker.stop()
         client.close()
-    assert f"tcp://[::ffff:127.0.0.1]:{base}" in rt.log_tail(200)
-    assert rt.terminate() == 0, rt.log_tail()
+    return rt, base
 
 
 def test_runtime_over_tcp_with_curve(start_runtime: Callable[..., SecureRuntime], tmp_path: Path):
@@ -421,20 +427,8 @@ def test_runtime_over_tcp_with_curve(start_runtime: Callable[..., SecureRuntime]
     secret_file.write_bytes(secret + b"\n")
     public_file.write_bytes(public + b"\n")
     secret_file.chmod(0o600)
-    partitions = max(PARTITIONS, 2)
-    base = free_port_range(partitions)
-    rt = start_runtime(
-        ["--zmq-transport", "tcp", "--zmq-base-port", str(base), "--zmq-curve-secret-file", str(secret_file),
-         "--zmq-curve-public-file", str(public_file)],
-        partitions=partitions,
-    )
-    worker = sdk_worker(host_address=rt.address)
-    client = TaskHubGrpcClient(host_address=rt.address)
-    try:
-        run_parent(client, partitions)
-    finally:
-        worker.stop()
-        client.close()
+    rt, base = run_parent_over_tcp(start_runtime, "--zmq-curve-secret-file", str(secret_file),
+                                   "--zmq-curve-public-file", str(public_file))
     assert f"tcp://127.0.0.1:{base}" in rt.log_tail(200)
 
     # A peer without the deployment's keys cannot talk to a partition.
