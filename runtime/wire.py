@@ -5,7 +5,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 # The last millisecond a google.protobuf.Timestamp may name (9999-12-31T23:59:59.999Z). Later times are clamped to
-# it on the way in, so every timestamp the engine hands back is one that any SDK can read.
+# it on the way in and on the way out, so every timestamp the engine hands back is one that any SDK can read.
 MAX_MS = 253_402_300_799_999
 
 
