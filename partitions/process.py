@@ -130,6 +130,7 @@ class PartitionProcess:
         self.work_changed = True  # dispatch and report demand after this batch
         self.lease_ms = int(config.lease_timeout_s * 1000)
         self.crash_requested = False
+        self.judged_late = False  # the last tick came late and judged no gateway or lease (housekeeping)
 
     # main flow
     async def serve(self) -> None:
@@ -194,18 +195,18 @@ class PartitionProcess:
     async def tick(self) -> None:
         """Heartbeat-rate housekeeping: expired leases, silent gateways, stale waiters, outbox resends.
 
-        A tick that comes a whole interval late means this process did not run meanwhile (stopped, a stalled
-        disk, a frozen VM): it says for how long, and housekeeping does not count that time against gateways
-        and leases, whose heartbeats this process could not read."""
+        A tick that comes a whole interval late (by the wall clock, which deadlines use too) may mean this
+        process did not run meanwhile: stopped, a stalled disk, a suspended host. It says so, and housekeeping
+        leaves gateways and leases unjudged that once, until the heartbeats queued meanwhile have been read.
+        """
         interval = min(self.config.heartbeat_interval_s, 1.0)
-        due = time.monotonic() + interval
         while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            late = time.monotonic() - due
-            due = time.monotonic() + interval
+            started = time.time()
+            await asyncio.sleep(interval)
+            late = time.time() - started - interval
             tick: dict[str, Any] = {"op": "_tick"}
             if late > interval:
-                tick["stalled_ms"] = int(late * 1000)
+                tick["late_s"] = round(late, 3)
             self.pending.append((None, tick))
             self.channel.wake()
 
@@ -284,7 +285,7 @@ class PartitionProcess:
             self.drop_waiters(lambda w: w.sender == sender and w.request_id == message.get("rid"),
                               message.get("i"))
         elif op == "_tick":
-            self.housekeeping(now, commands, int(message.get("stalled_ms", 0)))
+            self.housekeeping(now, commands, float(message.get("late_s", 0.0)))
         else:
             message["_from"] = sender
             sent_for = message.get("gep")
@@ -325,14 +326,21 @@ class PartitionProcess:
         gateway.reported = None  # re-announce demand after a (re)connect
         self.work_changed = True
 
-    def housekeeping(self, now: int, commands: list[dict[str, Any]], stalled_ms: int = 0) -> None:
-        if stalled_ms:
-            log.warning("partition %d did not run for %.1f s; that time does not count as the gateways' silence",
-                        self.partition, stalled_ms / 1000)
-            for gateway in self.gateways.values():
-                gateway.last_seen_ms = min(now, gateway.last_seen_ms + stalled_ms)
-            for lease in self.state.leases_by_token.values():
-                lease.expires_ms += stalled_ms
+    def housekeeping(self, now: int, commands: list[dict[str, Any]], late_s: float = 0.0) -> None:
+        # After a late tick, gateways and leases wait one tick to be judged: heartbeats sent while this process
+        # did not run may still be on their way in, and would otherwise look like silence, releasing live work.
+        # Never twice in a row, so a process that is merely busy judges them at most one tick late.
+        judge = not late_s or self.judged_late
+        self.judged_late = not judge
+        if late_s >= self.config.gateway_timeout_s / 2:
+            log.warning("partition %d did not run for %.1f s; gateways and leases are judged at the next tick",
+                        self.partition, late_s)
+        if judge:
+            self.judge_gateways_and_leases(now, commands)
+        self.drop_waiters(lambda w: bool(w.deadline_ms) and w.deadline_ms <= now)  # their callers gave up
+        self.outbox.resend_due(now)
+
+    def judge_gateways_and_leases(self, now: int, commands: list[dict[str, Any]]) -> None:
         silent_ms = int(self.config.gateway_timeout_s * 1000)
         for identity, gateway in list(self.gateways.items()):
             if now - gateway.last_seen_ms > silent_ms:
@@ -350,8 +358,6 @@ class PartitionProcess:
                 commands.append({"op": "abandon", "tok": lease.token, "quiet": True})
                 # The gateway still counts the item against its stream's limit: that slot is free now.
                 self.channel.send({"op": "expired", "tok": lease.token}, to=lease.gateway)
-        self.drop_waiters(lambda w: bool(w.deadline_ms) and w.deadline_ms <= now)  # their callers gave up
-        self.outbox.resend_due(now)
 
     def drop_waiters(self, which: Callable[[Waiter], bool], instance_id: Any = None) -> None:
         """Forget the waiters `which` selects (of `instance_id` only, when given): nobody waits for their answer."""
