@@ -99,7 +99,7 @@ def dispatch_orchestrations(
         if matches is not None and not matches(record["n"], record.get("v")):
             walk.left()
             continue
-        inbox = txn.inbox(instance_id)[: 1 if record.get("rw") else MAX_NEW_EVENTS]
+        inbox = txn.inbox(instance_id, 1 if record.get("rw") else MAX_NEW_EVENTS)
         if not inbox and not record.get("kick"):
             walk.passed(seq)
             continue
@@ -218,7 +218,7 @@ def dispatch_entities(
         if matches is not None and not matches(entity_name(entity_id), None):
             walk.left()
             continue
-        batch = runnable_operations(record, txn.inbox(entity_id))
+        batch = runnable_operations(record, txn.inbox_iter(entity_id))
         if not batch:
             walk.passed(seq)
             continue

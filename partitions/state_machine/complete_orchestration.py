@@ -287,7 +287,7 @@ def _in_step_with_suspension(ctx: Ctx, record: Record, carried: list[bytes]) -> 
 def _requeue_if_pending(ctx: Ctx, instance_id: str, record: Record) -> None:
     """The dispatched batch is done; events that arrived meanwhile make the instance ready again."""
     ctx.unqueue(record)
-    if ctx.txn.inbox(instance_id):
+    if ctx.txn.has_inbox(instance_id):
         ctx.mark_ready(instance_id, record)
     else:
         record["wk"] = 0

@@ -9,7 +9,7 @@ last one grants the lock to the orchestration. While locked, only calls from the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from partitions.state_machine import actions as act
@@ -27,12 +27,12 @@ _OPERATIONS = ("entityOperationSignaled", "entityOperationCalled")
 
 
 def _load(ctx: Ctx, entity_id: str) -> Record:
-    return ctx.txn.get_entity(entity_id) or {"st": None, "lm": ctx.now_ms, "lk": None, "lo": None, "rq": 0}
+    return ctx.txn.get_entity(entity_id) or {"st": None, "lm": ctx.now_ms, "lk": None, "lo": None, "rq": 0, "lq": 0}
 
 
 def _save(ctx: Ctx, entity_id: str, record: Record) -> None:
     """Entities with no state, no lock and no queued work stop existing."""
-    if record["st"] is None and not record["lk"] and not record["rq"] and not ctx.txn.inbox(entity_id):
+    if record["st"] is None and not record["lk"] and not record["rq"] and not ctx.txn.has_inbox(entity_id):
         ctx.txn.delete_entity(entity_id)
     else:
         ctx.txn.put_entity(entity_id, record)
@@ -44,7 +44,9 @@ def _runnable(record: Record, event: pb.HistoryEvent) -> bool:
     return event.HasField("entityOperationCalled") and event.entityOperationCalled.parentInstanceId.value == record["lo"]
 
 
-def runnable_operations(record: Record, inbox: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def runnable_operations(
+    record: Record, inbox: Iterable[tuple[bytes, bytes]], limit: int = MAX_BATCH
+) -> list[tuple[bytes, bytes]]:
     """The operations the next batch may run, in queue order: up to the next lock request or unlock."""
     batch = []
     for key, raw in inbox:
@@ -56,7 +58,7 @@ def runnable_operations(record: Record, inbox: list[tuple[bytes, bytes]]) -> lis
             break
         if _runnable(record, event):
             batch.append((key, raw))
-            if len(batch) >= MAX_BATCH:
+            if len(batch) >= limit:
                 break
     return batch
 
@@ -73,7 +75,7 @@ def advance(ctx: Ctx, entity_id: str, record: Record) -> None:
     if record["rq"]:
         ctx.txn.delete_ent_ready(record["rq"])
         record["rq"] = 0
-    if runnable_operations(record, ctx.txn.inbox(entity_id)):
+    if runnable_operations(record, ctx.txn.inbox_iter(entity_id), limit=1):
         record["rq"] = ctx.state.next_seq()
         ctx.txn.put_ent_ready(record["rq"], entity_id)
         ctx.actions.append(act.WorkAvailable())
@@ -109,9 +111,14 @@ def release_entity(ctx: Ctx, entity_id: str) -> None:
 
 
 def _step_locks(ctx: Ctx, entity_id: str, record: Record) -> bool:
-    """Handle the first lock message that can take effect now; False when there is none."""
-    operations_first = False
-    for key, raw in ctx.txn.inbox(entity_id):
+    """Handle the first lock message that can take effect now; False when there is none.
+
+    Unlocked, only the head of the queue can: operations there run before any lock message behind them. Locked,
+    the section's own unlock may come after requests from others, which wait. The record counts the lock
+    messages queued ("lq"), so an entity with none, whatever its backlog of operations, is not read through."""
+    if not _lock_messages_queued(ctx, entity_id, record):
+        return False
+    for key, raw in ctx.txn.inbox_iter(entity_id):
         event = pb.HistoryEvent.FromString(raw)
         kind = event.WhichOneof("eventType")
         if kind == "entityUnlockSent":
@@ -120,16 +127,28 @@ def _step_locks(ctx: Ctx, entity_id: str, record: Record) -> bool:
             elif record["lk"]:
                 continue  # an unlock for a section this entity is not in: leave it queued
             ctx.txn.delete_inbox_key(key)  # a release, or a stray unlock for no lock at all
+            record["lq"] -= 1
             return True
         if kind == "entityLockRequested":
-            if record["lk"] or operations_first:
+            if record["lk"]:
                 continue
             ctx.txn.delete_inbox_key(key)
+            record["lq"] -= 1
             _lock(ctx, record, event.entityLockRequested)
             return True
-        if kind in _OPERATIONS and not record["lk"]:
-            operations_first = True  # queue order: these run before any later lock request
+        if not record["lk"]:
+            return False  # an operation at the head runs first
     return False
+
+
+def _lock_messages_queued(ctx: Ctx, entity_id: str, record: Record) -> int:
+    if "lq" not in record:  # a record written before the count was kept: counted once
+        record["lq"] = sum(1 for _, raw in ctx.txn.inbox_iter(entity_id) if _is_lock_message(raw))
+    return record["lq"]
+
+
+def _is_lock_message(raw: bytes) -> bool:
+    return pb.HistoryEvent.FromString(raw).WhichOneof("eventType") in ("entityLockRequested", "entityUnlockSent")
 
 
 def _lock(ctx: Ctx, record: Record, request: pb.EntityLockRequestedEvent) -> None:
@@ -156,7 +175,10 @@ def apply_entity_message(ctx: Ctx, cmd: dict[str, Any]) -> None:
         ctx.schedule_timer(cmd["at"], entity_id, timer_id, {"ev": cmd["ev"]}, TIMER_ENTITY_SIGNAL)
         return
     record = _load(ctx, entity_id)
+    queued = _lock_messages_queued(ctx, entity_id, record)
     ctx.txn.put_inbox(entity_id, ctx.state.next_seq(), cmd["ev"])
+    if _is_lock_message(cmd["ev"]):
+        record["lq"] = queued + 1
     advance(ctx, entity_id, record)
     _save(ctx, entity_id, record)
 

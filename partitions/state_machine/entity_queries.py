@@ -52,7 +52,7 @@ def apply_clean_entities(ctx: Ctx, cmd: dict[str, Any]) -> None:
     for entity_id, record in list(ctx.txn.scan_entities("@", "")):
         if record["lk"]:
             locks.append([entity_id, record["lo"]])
-        elif cmd.get("empty") and record["st"] is None and not record["rq"] and not ctx.txn.inbox(entity_id):
+        elif cmd.get("empty") and record["st"] is None and not record["rq"] and not ctx.txn.has_inbox(entity_id):
             ctx.txn.delete_entity(entity_id)
             removed += 1
     ctx.reply(cmd, {"removed": removed, "locks": locks})

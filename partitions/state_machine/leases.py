@@ -39,7 +39,7 @@ def requeue(ctx: Ctx, lease: Lease, backoff: bool = False) -> None:
                 record["ab"] = record.get("ab", 0) + 1
                 record["hu"] = ctx.now_ms + backoff_ms(record["ab"] - 1)
                 ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, {"x": record["x"]}, TIMER_RELEASE)
-            if ctx.txn.inbox(instance_id) or record.get("kick"):
+            if ctx.txn.has_inbox(instance_id) or record.get("kick"):
                 ctx.mark_ready(instance_id, record)
             ctx.save(instance_id, record)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -128,17 +129,23 @@ class StoreTxn:
         self._delete_prefix(self._history, keys.instance_prefix(instance_id))
 
     # inbox
-    def inbox(self, instance_id: str) -> list[tuple[bytes, bytes]]:
-        """(key, event) pairs in arrival order."""
+    def inbox(self, instance_id: str, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+        """(key, event) pairs in arrival order; the first `limit` of them when given."""
+        return list(itertools.islice(self.inbox_iter(instance_id), limit))
+
+    def inbox_iter(self, instance_id: str) -> Iterator[tuple[bytes, bytes]]:
+        """(key, event) pairs in arrival order, read as they are taken: for a reader that may stop early. Do not
+        write to the inbox while it is being read."""
         prefix = keys.instance_prefix(instance_id)
         cur = self.txn.cursor(db=self._inbox)
-        out = []
         if cur.set_range(prefix):
             for key, value in cur:
                 if not key.startswith(prefix):
                     break
-                out.append((key, value))
-        return out
+                yield key, value
+
+    def has_inbox(self, instance_id: str) -> bool:
+        return next(self.inbox_iter(instance_id), None) is not None
 
     def put_inbox(self, instance_id: str, seq: int, event: bytes) -> None:
         self.txn.put(keys.inbox_key(instance_id, seq), event, db=self._inbox)

@@ -7,6 +7,7 @@ from google.protobuf import wrappers_pb2
 
 from partitions import dispatch
 from partitions.state_machine import actions as act
+from partitions.store.lmdb_store import StoreTxn
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
 from tests.unit.conftest import (
@@ -562,6 +563,48 @@ def test_a_response_failed_as_a_whole_still_releases_the_section_it_ended(core):
     core.complete_orch("o1", token, [leave, _lock_action(["@@nobody"], "o1", "cs-2")])
     assert core.status("o1") == FAILED
     assert _locked_by(core, a) is None
+
+
+def test_a_signal_to_an_entity_with_a_long_queue_reads_only_the_head(core, monkeypatch):
+    """With no worker to run them, an entity's operations pile up, and every new signal once read and decoded
+    the whole queue twice (lock messages, then runnable operations): 8,000 signals took 10 ms each by the end,
+    quadratic in all, and held up the rest of the partition. The record counts the lock messages queued, and
+    the runnable operations are read only as far as a batch goes."""
+    read = {"rows": 0}
+    real = StoreTxn.inbox_iter
+
+    def counted(self, instance_id):
+        for row in real(self, instance_id):
+            read["rows"] += 1
+            yield row
+
+    for n in range(2_000):
+        core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": f"r{n}"})
+    monkeypatch.setattr(StoreTxn, "inbox_iter", counted)
+    core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "one-more"})
+    assert read["rows"] <= 2, read  # the head, to see the entity still has work
+
+
+def test_an_entity_stored_before_lock_messages_were_counted_still_releases_its_lock(core):
+    """Records written by an earlier version carry no count: it is taken once from the queue."""
+    holder = "o1"
+    core.start(holder)
+    core.run_first(holder, [_lock_action([ENTITY], holder, "cs-1")])
+    token, _ = core.dispatch_one(holder)  # the grant
+    assert _locked_by(core, ENTITY) == holder
+    core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "waits"})  # queued behind the lock
+    with core.read() as txn:
+        record = txn.get_entity(ENTITY)
+    record.pop("lq")
+    txn = core.store.begin(write=True)
+    txn.put_entity(ENTITY, record)
+    txn.commit()
+    sent = pb.EntityUnlockSentEvent(criticalSectionId="cs-1", parentInstanceId=wrappers_pb2.StringValue(value=holder),
+                                    targetInstanceId=wrappers_pb2.StringValue(value=ENTITY))
+    core.complete_orch(holder, token, [pb.OrchestratorAction(id=2, sendEntityMessage=pb.SendEntityMessageAction(
+        entityUnlockSent=sent))])
+    assert _locked_by(core, ENTITY) is None
+    assert [item.entityRequestV2.instanceId for _, item in core.dispatch_ent()] == [ENTITY]
 
 
 def test_an_entity_key_may_hold_an_at_sign(core):
