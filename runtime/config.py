@@ -177,17 +177,14 @@ def validate(config: Config) -> None:
     ):
         if not value >= 0.001:  # (and gRPC would read less than a millisecond as 0: no keepalive at all)
             raise ValueError(f"{flag} must be positive (at least 0.001), got {value}")
-    if config.lease_timeout_s <= config.heartbeat_interval_s:
-        raise ValueError(
-            f"--lease-timeout-s ({config.lease_timeout_s}) must be longer than --heartbeat-interval-s"
-            f" ({config.heartbeat_interval_s}), or work items that streams hold expire between the heartbeats"
-            " that renew them"
-        )
-    if config.gateway_timeout_s <= config.heartbeat_interval_s:
-        raise ValueError(
-            f"--gateway-timeout-s ({config.gateway_timeout_s}) must be longer than --heartbeat-interval-s"
-            f" ({config.heartbeat_interval_s}), or partitions drop live gateways between their heartbeats"
-        )
+    for flag, value, otherwise in (
+        ("--lease-timeout-s", config.lease_timeout_s,
+         "work items that streams hold expire between the heartbeats that renew them"),
+        ("--gateway-timeout-s", config.gateway_timeout_s, "partitions drop live gateways between their heartbeats"),
+    ):
+        if value <= config.heartbeat_interval_s:
+            raise ValueError(f"{flag} ({value}) must be longer than --heartbeat-interval-s"
+                             f" ({config.heartbeat_interval_s}), or {otherwise}")
     for flag, value, least in (
         ("--max-request-bytes", config.max_request_bytes, 64 << 10),
         ("--max-instance-id-length", config.max_instance_id_length, 1),

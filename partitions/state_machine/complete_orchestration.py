@@ -206,9 +206,7 @@ def finish_execution(
     ctx.txn.delete_inbox(instance_id)
     parent = record.get("p")
     if parent:
-        ctx.send_to_instance(
-            parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": status, "out": result, "fd": failure}
-        )
+        ctx.report_to_parent(parent, status, result, failure)
 
 
 _OUTLIVE_AN_EXECUTION = frozenset(("eventRaised", "executionTerminated", "executionSuspended", "executionResumed"))

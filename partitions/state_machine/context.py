@@ -76,16 +76,21 @@ class Ctx:
             apply_internal(self, self.local.pop(0))
         raise RuntimeError("messages between instances of one partition did not come to an end")
 
+    def report_to_parent(self, parent: list[Any], status: int, output: str | None = None, failure: bytes | None = None,
+                         **extra: Any) -> None:
+        """Tell the orchestration that started a sub-orchestration (`parent`: its id, execution id and the
+        task id it waits on) how the child ended."""
+        self.send_to_instance(parent[0], {
+            "op": "child_done", "x": parent[1], "t": parent[2], "s": status, "out": output, "fd": failure, **extra,
+        })
+
     def _undeliverable(self, instance_id: str, problem: str, message: dict[str, Any]) -> None:
         """No instance of the message's kind can have such an id: a sub-orchestration fails its parent's task,
         an entity call fails the caller's; the rest is dropped."""
         op = message.get("op")
         if op == "start_child":
-            parent = message["p"]
             failure = ev.failure_details("InvalidInstanceId", f"the sub-orchestration id {problem}")
-            self.send_to_instance(
-                parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure}
-            )
+            self.report_to_parent(message["p"], ev.FAILED, failure=failure)
             return
         if op == "entity_msg":
             from partitions.state_machine.entities import (  # local import: entities imports us

@@ -5,7 +5,10 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from protos import orchestrator_service_pb2 as pb
-from runtime.wire import MAX_MS, ms_timestamp
+from runtime.wire import MAX_MS
+from runtime.wire import (
+    ms_timestamp as timestamp,  # milliseconds -> Timestamp, re-exported for the core's modules
+)
 from runtime.wire import timestamp_ms as timestamp_ms  # re-exported for the core's modules
 
 RUNNING = pb.ORCHESTRATION_STATUS_RUNNING
@@ -18,10 +21,6 @@ PENDING = pb.ORCHESTRATION_STATUS_PENDING
 SUSPENDED = pb.ORCHESTRATION_STATUS_SUSPENDED
 
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELED, TERMINATED})
-
-
-def timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    return ms_timestamp(ms)
 
 
 def string_value(value: str | None) -> wrappers_pb2.StringValue | None:

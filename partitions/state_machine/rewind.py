@@ -60,10 +60,7 @@ def apply_rewind_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if record["s"] == ev.FAILED:
         _prepare(ctx, instance_id, record, cmd.get("reason"), parent[1])
     elif record["s"] in ev.TERMINAL:
-        ctx.send_to_instance(parent[0], {
-            "op": "child_done", "x": parent[1], "t": record["p"][2], "s": record["s"],
-            "out": record.get("out"), "fd": record.get("fd"),
-        })
+        ctx.report_to_parent([parent[0], parent[1], record["p"][2]], record["s"], record.get("out"), record.get("fd"))
     else:
         record["p"][1] = parent[1]
         ctx.save(instance_id, record)

@@ -40,9 +40,7 @@ def apply_start_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
                 "OrchestrationReplaced",
                 f"sub-orchestration '{instance_id}' was replaced by a new instance started with the same id",
             )
-            ctx.send_to_instance(
-                parent[0], {"op": "child_done", "x": parent[1], "t": parent[2], "s": ev.TERMINATED, "fd": failure}
-            )
+            ctx.report_to_parent(parent, ev.TERMINATED, failure=failure)
         remove_instance(ctx, instance_id, existing)
     create_instance(ctx, instance_id, cmd, parent=None)
     ctx.reply(cmd, {"i": instance_id})
@@ -58,9 +56,7 @@ def apply_start_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
             failure = ev.failure_details(
                 "InstanceAlreadyExists", f"a sub-orchestration with id '{instance_id}' is already running"
             )
-            ctx.send_to_instance(parent[0], {  # "ns": not started, so not the parent's child
-                "op": "child_done", "x": parent[1], "t": parent[2], "s": ev.FAILED, "fd": failure, "ns": instance_id,
-            })
+            ctx.report_to_parent(parent, ev.FAILED, failure=failure, ns=instance_id)  # not started: not its child
             return
         remove_instance(ctx, instance_id, existing)
     create_instance(ctx, instance_id, cmd, parent=parent)
