@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 100
 _OPERATIONS = ("entityOperationSignaled", "entityOperationCalled")
+_LOCK_MESSAGES = ("entityLockRequested", "entityUnlockSent")
 
 
 def _load(ctx: Ctx, entity_id: str) -> Record:
@@ -38,17 +39,55 @@ def _save(ctx: Ctx, entity_id: str, record: Record) -> None:
         ctx.txn.put_entity(entity_id, record)
 
 
-def _runnable(record: Record, event: pb.HistoryEvent) -> bool:
-    if not record["lk"]:
-        return True
+def _is_owners_call(record: Record, event: pb.HistoryEvent) -> bool:
     return event.HasField("entityOperationCalled") and event.entityOperationCalled.parentInstanceId.value == record["lo"]
+
+
+def _runnable(record: Record, event: pb.HistoryEvent) -> bool:
+    """While locked, only calls from the lock's owner run."""
+    return not record["lk"] or _is_owners_call(record, event)
+
+
+def _is_section_unlock(record: Record, event: pb.HistoryEvent) -> bool:
+    return event.HasField("entityUnlockSent") and event.entityUnlockSent.criticalSectionId == record["lk"]
+
+
+def _section_queue(ctx: Ctx, entity_id: str, record: Record) -> tuple[int, bool]:
+    """Locked: the owner's calls queued ("oq") and whether the section's unlock is ("uq"). Nothing else can take
+    effect before the unlock, so with neither queued there is nothing to look for, however long the queue
+    behind the section has grown. Counted from the queue once, when the lock is taken (the owner may have
+    queued calls before its lock came through), or for a record written before the count was kept."""
+    if "oq" not in record:
+        events = [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox_iter(entity_id)]
+        record["oq"] = sum(1 for event in events if _is_owners_call(record, event))
+        record["uq"] = any(_is_section_unlock(record, event) for event in events)
+    return record["oq"], record["uq"]
+
+
+def _unlocked(record: Record) -> None:
+    record["lk"] = record["lo"] = None
+    record.pop("oq", None)
+    record.pop("uq", None)
+
+
+def _has_runnable(ctx: Ctx, entity_id: str, record: Record) -> bool:
+    if record["lk"] and not _section_queue(ctx, entity_id, record)[0]:
+        return False
+    return bool(runnable_operations(record, ctx.txn.inbox_iter(entity_id), limit=1))
 
 
 def runnable_operations(
     record: Record, inbox: Iterable[tuple[bytes, bytes]], limit: int = MAX_BATCH
 ) -> list[tuple[bytes, bytes]]:
-    """The operations the next batch may run, in queue order: up to the next lock request or unlock."""
-    batch = []
+    """The operations the next batch may run, in queue order: up to the next lock request or unlock.
+
+    Locked, these are the owner's calls, found among whatever waits behind the section: the read stops at the
+    last of them that the record counts."""
+    if record["lk"] and "oq" in record:
+        limit = min(limit, record["oq"])
+    batch: list[tuple[bytes, bytes]] = []
+    if limit <= 0:
+        return batch
     for key, raw in inbox:
         event = pb.HistoryEvent.FromString(raw)
         kind = event.WhichOneof("eventType")
@@ -75,7 +114,7 @@ def advance(ctx: Ctx, entity_id: str, record: Record) -> None:
     if record["rq"]:
         ctx.txn.delete_ent_ready(record["rq"])
         record["rq"] = 0
-    if runnable_operations(record, ctx.txn.inbox_iter(entity_id), limit=1):
+    if _has_runnable(ctx, entity_id, record):
         record["rq"] = ctx.state.next_seq()
         ctx.txn.put_ent_ready(record["rq"], entity_id)
         ctx.actions.append(act.WorkAvailable())
@@ -118,12 +157,14 @@ def _step_locks(ctx: Ctx, entity_id: str, record: Record) -> bool:
     messages queued ("lq"), so an entity with none, whatever its backlog of operations, is not read through."""
     if not _lock_messages_queued(ctx, entity_id, record):
         return False
+    if record["lk"] and not _section_queue(ctx, entity_id, record)[1]:
+        return False  # the section's unlock is not queued, and nothing else can take effect before it
     for key, raw in ctx.txn.inbox_iter(entity_id):
         event = pb.HistoryEvent.FromString(raw)
         kind = event.WhichOneof("eventType")
         if kind == "entityUnlockSent":
             if record["lk"] == event.entityUnlockSent.criticalSectionId:
-                record["lk"] = record["lo"] = None
+                _unlocked(record)
             elif record["lk"]:
                 continue  # an unlock for a section this entity is not in: leave it queued
             ctx.txn.delete_inbox_key(key)  # a release, or a stray unlock for no lock at all
@@ -134,7 +175,7 @@ def _step_locks(ctx: Ctx, entity_id: str, record: Record) -> bool:
                 continue
             ctx.txn.delete_inbox_key(key)
             record["lq"] -= 1
-            _lock(ctx, record, event.entityLockRequested)
+            _lock(ctx, entity_id, record, event.entityLockRequested)
             return True
         if not record["lk"]:
             return False  # an operation at the head runs first
@@ -148,12 +189,14 @@ def _lock_messages_queued(ctx: Ctx, entity_id: str, record: Record) -> int:
 
 
 def _is_lock_message(raw: bytes) -> bool:
-    return pb.HistoryEvent.FromString(raw).WhichOneof("eventType") in ("entityLockRequested", "entityUnlockSent")
+    return pb.HistoryEvent.FromString(raw).WhichOneof("eventType") in _LOCK_MESSAGES
 
 
-def _lock(ctx: Ctx, record: Record, request: pb.EntityLockRequestedEvent) -> None:
+def _lock(ctx: Ctx, entity_id: str, record: Record, request: pb.EntityLockRequestedEvent) -> None:
     record["lk"] = request.criticalSectionId
     record["lo"] = request.parentInstanceId.value
+    record.pop("oq", None)
+    _section_queue(ctx, entity_id, record)
     following = request.position + 1
     if following < len(request.lockSet):
         forwarded = pb.EntityLockRequestedEvent()
@@ -176,9 +219,15 @@ def apply_entity_message(ctx: Ctx, cmd: dict[str, Any]) -> None:
         return
     record = _load(ctx, entity_id)
     queued = _lock_messages_queued(ctx, entity_id, record)
+    owners, _ = _section_queue(ctx, entity_id, record) if record["lk"] else (0, False)
     ctx.txn.put_inbox(entity_id, ctx.state.next_seq(), cmd["ev"])
-    if _is_lock_message(cmd["ev"]):
+    event = pb.HistoryEvent.FromString(cmd["ev"])
+    if event.WhichOneof("eventType") in _LOCK_MESSAGES:
         record["lq"] = queued + 1
+    if record["lk"] and _is_owners_call(record, event):
+        record["oq"] = owners + 1
+    elif record["lk"] and _is_section_unlock(record, event):
+        record["uq"] = True
     advance(ctx, entity_id, record)
     _save(ctx, entity_id, record)
 
@@ -212,6 +261,7 @@ def apply_complete_entity(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if raw is not None:
             dispatched.append(pb.HistoryEvent.FromString(raw))
             ctx.txn.delete_inbox_key(key)
+    _owners_left(record, dispatched)
     batch_failed = result.HasField("failureDetails") and not result.results
     if not batch_failed:
         record["st"] = result.entityState.value if result.HasField("entityState") else None
@@ -239,6 +289,8 @@ def apply_refuse_operation(ctx: Ctx, cmd: dict[str, Any]) -> None:
         return
     ctx.txn.delete_inbox_key(cmd["k"])
     event = pb.HistoryEvent.FromString(raw)
+    record = _load(ctx, entity_id)
+    _owners_left(record, [event])
     limit = ctx.state.max_work_item_bytes
     message = (f"entity '{entity_id}': its state and this operation come to {cmd['b']} bytes, more than the"
                f" {limit} bytes a worker receives (--max-request-bytes)")
@@ -247,9 +299,15 @@ def apply_refuse_operation(ctx: Ctx, cmd: dict[str, Any]) -> None:
         answer_call(ctx, event.entityOperationCalled, None, failure)
     else:
         log.error("%s; the signal is dropped", message)
-    record = _load(ctx, entity_id)
     advance(ctx, entity_id, record)
     _save(ctx, entity_id, record)
+
+
+def _owners_left(record: Record, events: list[pb.HistoryEvent]) -> None:
+    """Operations taken off the queue: those of a section's owner leave its count (a count not kept yet is taken
+    from the queue when it is needed, so it is right either way)."""
+    if record["lk"] and "oq" in record:
+        record["oq"] -= sum(1 for event in events if _is_owners_call(record, event))
 
 
 def answer_call(
@@ -341,7 +399,7 @@ def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
     released = record is not None and record["lk"] is not None and record["lo"] == cmd["owner"]
     if released:
         assert record is not None
-        record["lk"] = record["lo"] = None
+        _unlocked(record)
         advance(ctx, cmd["i"], record)
         _save(ctx, cmd["i"], record)
     ctx.reply(cmd, {"released": released})

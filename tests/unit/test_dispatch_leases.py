@@ -585,6 +585,103 @@ def test_a_signal_to_an_entity_with_a_long_queue_reads_only_the_head(core, monke
     assert read["rows"] <= 2, read  # the head, to see the entity still has work
 
 
+def _call_action(owner: str, request_id: str, entity_id: str = ENTITY) -> pb.OrchestratorAction:
+    called = pb.EntityOperationCalledEvent(requestId=request_id, operation="get",
+                                           parentInstanceId=wrappers_pb2.StringValue(value=owner),
+                                           targetInstanceId=wrappers_pb2.StringValue(value=entity_id))
+    return pb.OrchestratorAction(id=3, sendEntityMessage=pb.SendEntityMessageAction(entityOperationCalled=called))
+
+
+def _unlock_action(owner: str, section: str = "cs-1", entity_id: str = ENTITY) -> pb.OrchestratorAction:
+    sent = pb.EntityUnlockSentEvent(criticalSectionId=section, parentInstanceId=wrappers_pb2.StringValue(value=owner),
+                                    targetInstanceId=wrappers_pb2.StringValue(value=entity_id))
+    return pb.OrchestratorAction(id=4, sendEntityMessage=pb.SendEntityMessageAction(entityUnlockSent=sent))
+
+
+def _rows_read(monkeypatch) -> dict[str, int]:
+    read = {"rows": 0}
+    real = StoreTxn.inbox_iter
+
+    def counted(self, instance_id):
+        for row in real(self, instance_id):
+            read["rows"] += 1
+            yield row
+
+    monkeypatch.setattr(StoreTxn, "inbox_iter", counted)
+    return read
+
+
+def test_a_message_to_an_entity_locked_with_a_long_queue_reads_none_of_it(core, monkeypatch):
+    """Signals and other orchestrations' lock requests queue behind a critical section, and each new message once
+    read the whole queue through, for the section's unlock and for calls from its owner. The record counts
+    those, so the queue is read only when one of them is there, and then only as far as the last of them."""
+    holder, waiter = "holder", "waiter"
+    core.start(holder)
+    core.run_first(holder, [_lock_action([ENTITY], holder)])  # same partition: granted at once
+    token, _ = core.dispatch_one(holder)  # the grant
+    core.start(waiter)
+    core.run_first(waiter, [_lock_action([ENTITY], waiter, "cs-2")])
+    for n in range(2_000):
+        core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": f"r{n}"})
+    read = _rows_read(monkeypatch)
+    core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "one-more"})
+    assert read["rows"] == 0, read
+    assert core.dispatch_ent() == []
+
+    core.complete_orch(holder, token, [_call_action(holder, "call-1")])  # the owner's call runs ahead of them all
+    [(batch_token, item)] = core.dispatch_ent()
+    assert [e.entityOperationCalled.requestId for e in item.entityRequestV2.operationRequests] == ["call-1"]
+    read["rows"] = 0
+    core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "while-the-call-runs"})
+    assert read["rows"] == 0, read
+    core.request({"op": "complete_ent", "tok": batch_token, "resp": pb.EntityBatchResult(
+        completionToken=batch_token, results=[pb.OperationResult(success=pb.OperationResultSuccess())],
+    ).SerializeToString()})
+    assert "entityOperationCompleted" in kinds(core.inbox(holder))
+
+    token, _ = core.dispatch_one(holder)
+    core.complete_orch(holder, token, [_unlock_action(holder)])
+    assert _locked_by(core, ENTITY) == waiter  # its request came before the signals
+    assert core.dispatch_ent() == []
+
+
+def test_an_owners_call_queued_before_its_lock_came_through_runs_in_its_section(core):
+    """The owner's messages are counted from the queue when the lock is taken: a call it sent before then is
+    already queued behind its lock request, and must run inside the section, not wait for the unlock."""
+    first, owner = "first", "owner"
+    core.start(first)
+    core.run_first(first, [_lock_action([ENTITY], first)])
+    first_token, _ = core.dispatch_one(first)
+    core.start(owner)
+    core.run_first(owner, [_lock_action([ENTITY], owner, "cs-2"), _call_action(owner, "early")])
+    assert core.dispatch_ent() == []  # the entity is still in the first section
+
+    core.complete_orch(first, first_token, [_unlock_action(first)])
+    assert _locked_by(core, ENTITY) == owner
+    [(_, item)] = core.dispatch_ent()
+    assert [e.entityOperationCalled.requestId for e in item.entityRequestV2.operationRequests] == ["early"]
+
+
+def test_an_entity_locked_before_its_owners_messages_were_counted_still_runs_them(core):
+    """A record written by an earlier version, locked, carries no count: it is taken once from the queue."""
+    holder = "o1"
+    core.start(holder)
+    core.run_first(holder, [_lock_action([ENTITY], holder)])
+    token, _ = core.dispatch_one(holder)
+    core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "waits"})
+    core.complete_orch(holder, token, [_call_action(holder, "call-1")])
+    with core.read() as txn:
+        record = txn.get_entity(ENTITY)
+    assert record["oq"] == 1
+    del record["oq"], record["uq"]
+    txn = core.store.begin(write=True)
+    txn.put_entity(ENTITY, record)
+    txn.commit()
+    core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "another"})  # looks again
+    [(batch_token, item)] = core.dispatch_ent()
+    assert [e.entityOperationCalled.requestId for e in item.entityRequestV2.operationRequests] == ["call-1"]
+
+
 def test_an_entity_stored_before_lock_messages_were_counted_still_releases_its_lock(core):
     """Records written by an earlier version carry no count: it is taken once from the queue."""
     holder = "o1"
