@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import WAKES_SCHEDULED, WAKES_SUSPENDED, Ctx, Record
+from partitions.state_machine.context import Ctx, Record, wake_of
 from partitions.state_machine.entities import release_held_locks
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
@@ -245,18 +245,10 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     carried = [event.SerializeToString() for event in (*complete.carryoverEvents, *leftovers)]
     carried = _in_step_with_suspension(ctx, record, carried)
     # What may wake the new execution through a hold is what it carries, not what woke the old one.
-    record["wk"] = max([_wake_of(pb.HistoryEvent.FromString(raw)) for raw in carried], default=0)
+    record["wk"] = max([wake_of(raw) for raw in carried], default=0)
     ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
     for event in carried:
         ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event)
-
-
-def _wake_of(event: pb.HistoryEvent) -> int:
-    if event.HasField("executionTerminated"):
-        return WAKES_SCHEDULED
-    if event.HasField("executionResumed"):
-        return WAKES_SUSPENDED
-    return 0
 
 
 def _in_step_with_suspension(ctx: Ctx, record: Record, carried: list[bytes]) -> list[bytes]:

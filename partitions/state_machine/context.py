@@ -22,6 +22,16 @@ WAKES_SUSPENDED = 1  # a resume: dispatch even though the instance is (still) ma
 WAKES_SCHEDULED = 2  # a terminate: dispatch even before the scheduled start time
 
 
+def wake_of(raw: bytes) -> int:
+    """How far a queued event lets its instance through a hold."""
+    event = pb.HistoryEvent.FromString(raw)
+    if event.HasField("executionTerminated"):
+        return WAKES_SCHEDULED
+    if event.HasField("executionResumed"):
+        return WAKES_SUSPENDED
+    return 0
+
+
 def is_child_of(record: Record, parent_id: str) -> bool:
     """Whether `parent_id` started this instance. A parent's child list may name an id whose start failed
     because another instance had it: cascades (recursive terminate and purge) check this first."""

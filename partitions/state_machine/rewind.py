@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record, is_child_of
+from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record, is_child_of, wake_of
 from partitions.state_machine.orchestrator_actions import activity_row
 from partitions.state_machine.start_instance import create_instance
 from protos import orchestrator_service_pb2 as pb
@@ -100,7 +100,10 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
             timers.pop(event.timerFired.timerId, None)
     record["rw"] = 0
     record["kick"] = 1  # dispatch once with no new events: the replay re-issues the removed work
-    ctx.set_status(instance_id, record, ev.RUNNING)
+    if record["s"] != ev.SUSPENDED:  # a suspend that came while the rewind was out holds it until resumed
+        ctx.set_status(instance_id, record, ev.RUNNING)
+    # What may wake it through that hold is what is left in its inbox, not the rewind, which has been delivered.
+    record["wk"] = max((wake_of(raw) for _, raw in ctx.txn.inbox_iter(instance_id)), default=0)
     ctx.unqueue(record)  # the ready row of the rewind work item itself
     ctx.mark_ready(instance_id, record)
     waited_for = {t: e for t, e in scheduled.items() if t not in answered}

@@ -9,6 +9,7 @@ from tests.unit.conftest import (
     COMPLETED,
     FAILED,
     RUNNING,
+    SUSPENDED,
     complete,
     create_sub,
     deliver,
@@ -20,10 +21,12 @@ from tests.unit.conftest import (
 BOOM = pb.TaskFailureDetails(errorType="E", errorMessage="boom")
 
 
-def rewind(core, instance_id: str, new_execution: str) -> None:
-    """Rewind `instance_id` and answer its work item as the SDK does (see its _build_rewind_result)."""
+def rewind(core, instance_id: str, new_execution: str, while_out=lambda: None, status: int = RUNNING) -> None:
+    """Rewind `instance_id` and answer its work item as the SDK does (see its _build_rewind_result);
+    `while_out` runs while the rewind work item is at the worker."""
     core.request({"op": "rewind", "i": instance_id})
     token, request = core.dispatch_one(instance_id)
+    while_out()
     assert "executionRewound" in kinds(request.newEvents)
     events = [*request.pastEvents, *request.newEvents]
     failed = {e.taskFailed.taskScheduledId for e in events if e.HasField("taskFailed")}
@@ -37,7 +40,7 @@ def rewind(core, instance_id: str, new_execution: str) -> None:
         clean.append(event)
     core.complete_orch(instance_id, token, [pb.OrchestratorAction(
         id=-1, rewindOrchestration=pb.RewindOrchestrationAction(newHistory=clean))])
-    assert core.status(instance_id) == RUNNING and core.record(instance_id)["x"] == new_execution
+    assert core.status(instance_id) == status and core.record(instance_id)["x"] == new_execution
 
 
 def fail_with_slow_activity_out(core):
@@ -63,6 +66,20 @@ def test_an_activity_that_finished_while_the_instance_was_failed_runs_again_afte
     core.complete_act("a", 1, slow, result='"slow"')  # dropped: the instance has failed
     rewind(core, "a", "x-rewound")
     assert [(a["t"], a["n"], a["x"]) for a in core.activities()] == [(1, "Slow", "x-rewound")]
+
+
+def test_a_suspend_that_comes_while_the_rewind_is_out_holds_the_rewound_instance(core):
+    """The rewound history went in as RUNNING whatever had happened meanwhile: the SDK then saw the queued
+    executionSuspended and held its work back, while the engine, seeing RUNNING, dispatched it turn after turn
+    (an activity ran ~1,000 times in 15 s) and ignored the resume, since the instance was not SUSPENDED."""
+    fail_with_slow_activity_out(core)
+    rewind(core, "a", "x-rewound", while_out=lambda: core.request({"op": "suspend", "i": "a"}), status=SUSPENDED)
+    assert core.dispatch_orch() == []  # held until resumed
+
+    core.request({"op": "resume", "i": "a"})
+    assert core.status("a") == RUNNING
+    _, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[-2:] == ["executionSuspended", "executionResumed"]
 
 
 def fail_with_child_out(pair) -> tuple[str, str]:
