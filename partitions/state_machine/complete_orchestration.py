@@ -226,9 +226,9 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     # would otherwise grow for ever, and a recursive terminate or purge reach every past generation's children.
     record["ch"] = []
     # So do its critical sections: held ones are released, and a grant still to come will release itself.
-    pending_sections = release_held_locks(ctx, instance_id)
-    if pending_sections:
-        record["lx"] = [*record.get("lx", ()), *pending_sections]
+    release_held_locks(ctx, instance_id)
+    record["lr"] = []
+    record.pop("lx", None)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)
     record["hl"] = 0

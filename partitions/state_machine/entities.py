@@ -375,22 +375,42 @@ def apply_entity_result(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_lock_granted(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Locks granted to an orchestration that has ended (or been purged), or to an execution that has continued
-    as new, are released at once: nobody would ever send their unlocks, and every entity of the set would stay
-    locked for good."""
+    """A lock is granted only to the execution that asked for it. One granted to an orchestration that has ended
+    (or been purged), continued as new, or been replaced by a new execution with the same id (a start with a
+    reuse policy, a restart) is released at once: nobody would ever send its unlock, and every entity of the
+    set would stay locked for good."""
     instance_id = cmd["i"]
+    section = cmd["cs"]
     record = ctx.load(instance_id)
-    if record is None or record["s"] in ev.TERMINAL:
-        unlock(ctx, instance_id, cmd["cs"], cmd.get("ls") or ())
+    asked = record is not None and _asked_for_by_current_execution(record, section)
+    if record is None or not asked or record["s"] in ev.TERMINAL:
+        unlock(ctx, instance_id, section, cmd.get("ls") or ())
+        if record is not None:
+            ctx.save(instance_id, record)
         return
-    if cmd["cs"] in record.get("lx", ()):  # asked for by an execution that has since continued as new
-        record["lx"].remove(cmd["cs"])
-        unlock(ctx, instance_id, cmd["cs"], cmd.get("ls") or ())
-        ctx.save(instance_id, record)
-        return
-    granted = pb.EntityLockGrantedEvent(criticalSectionId=cmd["cs"])
+    granted = pb.EntityLockGrantedEvent(criticalSectionId=section)
     ctx.enqueue_event(instance_id, record, ev.history_event(ctx.now_ms, entityLockGranted=granted).SerializeToString())
     ctx.save(instance_id, record)
+
+
+def _asked_for_by_current_execution(record: Record, section: str) -> bool:
+    """The record lists the sections its execution has asked for and not been granted ("lr"); a grant takes its
+    section off the list. Records of an earlier version list instead the sections that executions it continued
+    as new from had asked for ("lx")."""
+    if "lr" in record:
+        if section not in record["lr"]:
+            return False
+        record["lr"].remove(section)
+        return True
+    if section in record.get("lx", ()):
+        record["lx"].remove(section)
+        return False
+    return True
+
+
+def lock_requested(record: Record, section: str) -> None:
+    """The execution's lock request went out: its grant is expected (see apply_lock_granted)."""
+    record.setdefault("lr", []).append(section)
 
 
 def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -415,11 +435,11 @@ def unlock(ctx: Ctx, instance_id: str, critical_section: str, lock_set: Any) -> 
         ctx.send_to_instance(entity_id, {"op": "entity_msg", "ev": event})
 
 
-def release_held_locks(ctx: Ctx, instance_id: str) -> list[str]:
+def release_held_locks(ctx: Ctx, instance_id: str) -> None:
     """The engine ends or replaces an orchestration without its worker's answer (which would carry the unlocks),
-    or it continues as new: the critical sections its execution holds are released. Returns those it has asked
-    for and not been granted yet: a grant that finds the orchestration ended releases itself (apply_lock_granted);
-    one that finds a later execution must be told (see the record's "lx")."""
+    or it continues as new: the critical sections its execution holds are released. Those it has asked for and
+    not been granted yet release themselves when the grant comes (apply_lock_granted); unlocks sent for them
+    would reach the later entities of the set before the request does, and release nothing there."""
     events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
     events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
     requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet
@@ -429,6 +449,3 @@ def release_held_locks(ctx: Ctx, instance_id: str) -> list[str]:
     for section, lock_set in requested.items():
         if section in granted and section not in released:
             unlock(ctx, instance_id, section, lock_set)
-    # Not granted yet, whether or not the worker sent its unlocks: those reach the later entities of the set
-    # before the request does, and release nothing there.
-    return [section for section in requested if section not in granted]

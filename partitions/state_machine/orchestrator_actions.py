@@ -11,6 +11,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.entities import lock_requested
 from protos import orchestrator_service_pb2 as pb
 from runtime.hashing import partition_for
 
@@ -131,6 +132,8 @@ def _apply_send_entity_message(ctx: Ctx, out: Outcome, action: pb.OrchestratorAc
         target = inner.targetInstanceId.value
     if not target:
         return
+    if which == "entityLockRequested":
+        lock_requested(out.record, inner.criticalSectionId)
     if which == "entityOperationCalled" and not inner.parentExecutionId.value:
         # The SDK leaves it out. The entity's answer names it, so an answer meant for an execution that has
         # since continued as new (or been replaced) is dropped instead of failing the one that runs now.

@@ -79,6 +79,7 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
         "rq": 0,
         "g": 0,
         "ch": [],
+        "lr": [],  # critical sections asked for and not granted yet
     }
     if cmd.get("tc"):
         record["tc"] = cmd["tc"]

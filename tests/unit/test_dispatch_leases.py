@@ -521,7 +521,7 @@ def test_a_lock_granted_after_its_orchestration_continued_as_new_is_released(cor
             targetInstanceId=wrappers_pb2.StringValue(value=target))))
         for n, target in ((2, a), (3, b))]  # as the SDK does: they reach B before the request, and do nothing
     core.complete_orch("o2", token, [*gives_up, complete(4, CONTINUED_AS_NEW, '"again"')])
-    assert core.record("o2")["lx"] == ["cs-2"]
+    assert core.record("o2")["lr"] == []  # the new execution has asked for nothing
     token, _ = core.dispatch_one("o2")  # the new execution's first turn: it asks for no lock
     core.complete_orch("o2", token, [])
 
@@ -533,7 +533,57 @@ def test_a_lock_granted_after_its_orchestration_continued_as_new_is_released(cor
         entityUnlockSent=sent))])  # A goes to o2's request, then B; the grant finds o2 continued as new
     assert (_locked_by(core, a), _locked_by(core, b)) == (None, None)
     assert "entityLockGranted" not in kinds(core.inbox("o2"))
-    assert not core.record("o2").get("lx")
+
+
+def _grant_waits_then_replace(core, replace) -> None:
+    """o1 holds A; "x" asks for A and waits; `replace` puts a new execution in x's place; o1 releases A."""
+    a = "@counter@a"
+    core.start("o1")
+    core.run_first("o1", [_lock_action([a], "o1", "cs-1")])
+    token, _ = core.dispatch_one("o1")
+    core.complete_orch("o1", token, [])
+    core.start("x")
+    core.run_first("x", [_lock_action([a], "x", "cs-2")])
+    replace()
+    core.request({"op": "raise", "i": "o1", "n": "release"})
+    token, _ = core.dispatch_one("o1")
+    sent = pb.EntityUnlockSentEvent(criticalSectionId="cs-1", parentInstanceId=wrappers_pb2.StringValue(value="o1"),
+                                    targetInstanceId=wrappers_pb2.StringValue(value=a))
+    core.complete_orch("o1", token, [pb.OrchestratorAction(id=2, sendEntityMessage=pb.SendEntityMessageAction(
+        entityUnlockSent=sent))])  # A goes to x's request; the grant finds another execution
+
+
+@pytest.mark.parametrize("replace", ["start with a reuse policy", "forced terminate, then start again"])
+def test_a_lock_granted_to_an_execution_since_replaced_is_released(core, replace):
+    """The new execution never asked for it: the SDK ignores the grant ("unexpected entityLockGranted"), and
+    the entity stayed locked for good, so every later critical section on it hung; a restarted instance waited
+    behind its own stale lock."""
+    def start_again():
+        if replace == "forced terminate, then start again":
+            core.request({"op": "force_terminate", "i": "x"})
+            core.start("x", reuse=[TERMINATED])
+        else:
+            core.start("x", reuse=[RUNNING])
+        core.run_first("x")  # the new execution's first turn: it asks for no lock
+
+    _grant_waits_then_replace(core, start_again)
+    assert _locked_by(core, "@counter@a") is None
+    assert "entityLockGranted" not in kinds(core.inbox("x"))
+
+
+def test_a_grant_to_a_record_of_an_earlier_version_still_reaches_it(core):
+    """Records written before the engine listed the sections an execution asked for carry no list: their
+    grants are delivered as before."""
+    def forget_the_list():
+        record = core.record("x")
+        del record["lr"]
+        txn = core.store.begin(write=True)
+        txn.put_instance("x", record)
+        txn.commit()
+
+    _grant_waits_then_replace(core, forget_the_list)
+    assert _locked_by(core, "@counter@a") == "x"
+    assert "entityLockGranted" in kinds(core.inbox("x"))
 
 
 def test_a_lock_set_naming_an_id_no_entity_can_have_fails_the_orchestration_and_locks_nothing(core):
