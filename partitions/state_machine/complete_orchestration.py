@@ -92,10 +92,12 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None)
     else:
         _requeue_if_pending(ctx, instance_id, record)
-    if record["s"] == ev.TERMINATED and any(t.recurse for t in terminations):
-        # Children this execution started after the terminate went out (its work item was in flight then) have
-        # not been told yet; for the others it is a quiet repeat.
-        terminate_children(ctx, instance_id, record, None, [])
+    recursive = [t for t in terminations if t.recurse]
+    if record["s"] == ev.TERMINATED and recursive:
+        # A recursive terminate reaches the children when the instance takes it (not when it is asked for: a turn
+        # in flight then may complete the instance first, and the children stay as they are).
+        reason = recursive[0].input.value if recursive[0].HasField("input") else None
+        terminate_children(ctx, instance_id, record, reason, [])
     ctx.save(instance_id, record)
     ctx.reply(cmd)
 

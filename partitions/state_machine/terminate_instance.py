@@ -1,11 +1,11 @@
-"""TerminateInstance: an executionTerminated event, and with `recursive` the same for every child."""
+"""TerminateInstance: an executionTerminated event, and with `recursive` the same for every child once it is taken."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from partitions.state_machine import events as ev
-from partitions.state_machine.complete_orchestration import end_without_worker, terminate_children
+from partitions.state_machine.complete_orchestration import end_without_worker
 from partitions.state_machine.context import WAKES_SCHEDULED, Ctx, is_child_of
 from runtime.errors import InstanceNotFoundError
 
@@ -22,12 +22,11 @@ def apply_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if via and not is_child_of(record, via[-1]):
         return  # a cascade reached an id its parent listed but never started: another instance has it
     if record["s"] not in ev.TERMINAL:
-        recurse = bool(cmd.get("r"))
-        event = ev.execution_terminated(ctx.now_ms, cmd.get("out"), recurse)
+        # With `recursive`, the children are told when the instance takes the terminate (complete_orchestration),
+        # not now: its turn in flight may complete it first, and then the terminate is moot for them too.
+        event = ev.execution_terminated(ctx.now_ms, cmd.get("out"), bool(cmd.get("r")))
         ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SCHEDULED)
         ctx.save(instance_id, record)
-        if recurse:
-            terminate_children(ctx, instance_id, record, cmd.get("out"), cmd.get("via") or [])
     ctx.reply(cmd)
 
 

@@ -175,7 +175,7 @@ def test_terminate_of_a_completed_instance_adds_nothing(core):
     assert core.inbox("a") == []
 
 
-def test_recursive_terminate_sends_terminate_to_children(pair):
+def test_recursive_terminate_sends_terminate_to_children_once_the_parent_takes_it(pair):
     p0, p1 = pair
     parent = id_on(0, 2, "parent")
     local_child, remote_child = id_on(0, 2, "lc"), id_on(1, 2, "rc")
@@ -183,9 +183,12 @@ def test_recursive_terminate_sends_terminate_to_children(pair):
     p0.run_first(parent, [create_sub(1, "C", local_child), create_sub(2, "C", remote_child)])
     start_rows = len(p0.outbox(1))
 
-    actions = p0.request({"op": "terminate", "i": parent, "out": '"why"', "r": True})
-
+    p0.request({"op": "terminate", "i": parent, "out": '"why"', "r": True})
     assert p0.inbox(parent)[-1].executionTerminated.recurse is True
+    assert kinds(p0.inbox(local_child)) == ["executionStarted"]  # not yet: the parent has not taken it
+    assert p0.outbox(1)[start_rows:] == []
+
+    actions = p0.complete_orch(parent, p0.dispatch_tokens()[parent], [complete(3, TERMINATED, '"why"')])
     # the local child gets executionTerminated in the same transaction
     assert kinds(p0.inbox(local_child)) == ["executionStarted", "executionTerminated"]
     assert p0.inbox(local_child)[-1].executionTerminated.input.value == '"why"'
@@ -195,6 +198,25 @@ def test_recursive_terminate_sends_terminate_to_children(pair):
     assert [m for _, m in rows] == [
         {"op": "terminate", "i": remote_child, "out": '"why"', "r": True, "quiet": True, "via": [parent]}
     ]
+
+
+def test_a_recursive_terminate_that_a_turn_in_flight_completes_first_leaves_the_children_alone(pair):
+    """The only serial orders: terminate first (parent and children TERMINATED), or the completion first (the
+    parent COMPLETED, the terminate moot, the children running on). Telling the children as soon as the
+    terminate came gave a third: the parent COMPLETED with its children TERMINATED."""
+    p0, p1 = pair
+    parent, child = id_on(0, 2, "parent"), id_on(1, 2, "child")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", child)])
+    deliver(p0, p1)
+    p0.request({"op": "raise", "i": parent, "n": "go"})
+    token, _ = p0.dispatch_one(parent)
+    p0.request({"op": "terminate", "i": parent, "r": True})
+    p0.complete_orch(parent, token, [complete(2, COMPLETED, '"done"')])
+    deliver(p0, p1)
+
+    assert p0.status(parent) == COMPLETED
+    assert _terminations(p1, child) == 0
 
 
 def test_non_recursive_terminate_leaves_children_alone(core):
@@ -287,11 +309,16 @@ def test_a_recursive_terminate_does_not_go_round_a_child_list_that_leads_back(pa
     p1.run_first(b, [create_sub(1, "C", a)])
     assert p1.record(b)["ch"] == [a]
     p0.request({"op": "terminate", "i": a, "r": True})
-    for _ in range(3):  # the start of A and the terminate of A cross; then B's terminate must not come back
-        deliver(p0, p1)
+    deliver(p1, p0)  # the start of A finds A running: refused
+    p0.run_first(a, [complete(2, TERMINATED)])  # A takes the terminate, and tells B
+    deliver(p0, p1)
+    p1.run_first(b, [complete(2, TERMINATED)])
+    for _ in range(3):  # nothing more goes round
         deliver(p1, p0)
+        deliver(p0, p1)
 
-    assert _terminations(p0, a) == 1 and _terminations(p1, b) == 1
+    assert p0.status(a) == TERMINATED and p1.status(b) == TERMINATED
+    assert p0.inbox(a) == [] and p1.inbox(b) == []
 
 
 def test_continue_as_new_starts_with_no_children_but_a_recursive_terminate_in_flight_still_reaches_them(pair):
