@@ -21,13 +21,23 @@ def apply_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:
     via = cmd.get("via")
     if via and not is_child_of(record, via[-1]):
         return  # a cascade reached an id its parent listed but never started: another instance has it
-    if record["s"] not in ev.TERMINAL:
+    if _never_ran(ctx, instance_id, record):
+        # Nothing to run it down: handed to a worker with its start, the terminate would come second, and an
+        # orchestration that completes on its first turn would end COMPLETED (a start scheduled days ahead, say).
+        end_without_worker(ctx, instance_id, record, ev.TERMINATED, cmd.get("out"), None)
+    elif record["s"] not in ev.TERMINAL:
         # With `recursive`, the children are told when the instance takes the terminate (complete_orchestration),
         # not now: its turn in flight may complete it first, and then the terminate is moot for them too.
         event = ev.execution_terminated(ctx.now_ms, cmd.get("out"), bool(cmd.get("r")))
         ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SCHEDULED)
         ctx.save(instance_id, record)
     ctx.reply(cmd)
+
+
+def _never_ran(ctx: Ctx, instance_id: str, record: dict[str, Any]) -> bool:
+    """Not started by any worker yet (PENDING, or suspended before its start), and no first turn in flight."""
+    return (record["s"] in (ev.PENDING, ev.SUSPENDED) and not record["hl"]
+            and instance_id not in ctx.state.orch_leases)
 
 
 def apply_force_terminate(ctx: Ctx, cmd: dict[str, Any]) -> None:

@@ -216,7 +216,7 @@ def test_a_recursive_terminate_that_a_turn_in_flight_completes_first_leaves_the_
     deliver(p0, p1)
 
     assert p0.status(parent) == COMPLETED
-    assert _terminations(p1, child) == 0
+    assert not _terminated(p1, child)
 
 
 def test_non_recursive_terminate_leaves_children_alone(core):
@@ -256,15 +256,38 @@ def test_a_pending_instance_suspended_and_terminated_stays_terminated_after_resu
     core.start("a", ss=T0 + 10_000)
     core.request({"op": "suspend", "i": "a"})
     core.request({"op": "terminate", "i": "a"})
-    token, _ = core.dispatch_one("a")
-    core.complete_orch("a", token, [complete(0, TERMINATED)])
+    assert core.status("a") == TERMINATED and core.dispatch_orch() == []
     core.request({"op": "resume", "i": "a"})
     assert core.status("a") == TERMINATED
     assert "sp" not in core.record("a")
 
 
+def test_an_instance_no_worker_has_started_is_terminated_at_once(core):
+    """Handed to a worker with its start, the terminate came second, so an orchestration that completes on its
+    first turn ended COMPLETED: a start scheduled for next month, terminated today, ran today."""
+    core.start("a", ss=T0 + 30 * 86_400_000)
+    core.request({"op": "terminate", "i": "a", "out": '"not needed"'})
+    assert core.status("a") == TERMINATED and core.record("a")["out"] == '"not needed"'
+    assert core.dispatch_orch() == []
+
+
+def test_an_instance_whose_first_turn_is_out_takes_the_terminate_from_its_worker(core):
+    core.start("a")
+    token, _ = core.dispatch_one("a")
+    core.request({"op": "terminate", "i": "a"})
+    assert core.status("a") == PENDING
+    core.complete_orch("a", token, [])
+    token, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[-1] == "executionTerminated"
+
+
 def _terminations(core, instance_id) -> int:
     return kinds(core.inbox(instance_id)).count("executionTerminated")
+
+
+def _terminated(core, instance_id) -> bool:
+    """Told to terminate: ended at once if it had not run yet, else with the event for its worker."""
+    return core.status(instance_id) == TERMINATED or _terminations(core, instance_id) > 0
 
 
 def test_a_child_started_by_a_work_item_in_flight_during_a_recursive_terminate_is_terminated_too(pair):
@@ -283,7 +306,7 @@ def test_a_child_started_by_a_work_item_in_flight_during_a_recursive_terminate_i
     deliver(p0, p1)
 
     assert p0.status(parent) == TERMINATED
-    assert _terminations(p1, first) >= 1 and _terminations(p1, second) == 1
+    assert _terminated(p1, first) and _terminated(p1, second)
 
 
 def test_a_sub_orchestration_id_taken_by_a_running_instance_is_not_the_parents_child(core):
@@ -338,8 +361,8 @@ def test_continue_as_new_starts_with_no_children_but_a_recursive_terminate_in_fl
     p0.request({"op": "terminate", "i": parent, "r": True})
     p0.complete_orch(parent, token, [create_sub(1, "C", late), complete(2, CONTINUED_AS_NEW, '"again"')])
     deliver(p0, p1)
-    assert _terminations(p1, late) == 1
-    assert _terminations(p1, old) == 0  # a child of an earlier generation is its own
+    assert _terminated(p1, late)
+    assert not _terminated(p1, old)  # a child of an earlier generation is its own
 
 
 def test_a_recursive_terminate_does_not_reach_an_instance_whose_id_a_child_could_not_take(pair):
