@@ -206,6 +206,7 @@ def finish_execution(
     record["wk"] = 0
     ctx.unqueue(record)
     ctx.txn.delete_inbox(instance_id)
+    ctx.txn.delete_instance_timers(instance_id)  # a rewind sets again those its replay waits for
     parent = record.get("p")
     if parent:
         ctx.report_to_parent(parent, status, result, failure)
@@ -233,6 +234,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     record.pop("lx", None)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)
+    ctx.txn.delete_instance_timers(instance_id)  # the old execution's: they would fire for nothing
     record["hl"] = 0
     record["g"] = record.get("g", 0) + 1
     record["x"] = derive_execution_id(instance_id, ctx.now_ms, record["g"])

@@ -9,13 +9,15 @@ from partitions.state_machine.context import Ctx, Record, is_child_of
 
 
 def remove_instance(ctx: Ctx, instance_id: str, record: Record) -> None:
-    """Delete the record, history, inbox and ready row. Late completions then find nothing and are dropped."""
+    """Delete the record, history, inbox, timers and ready row. Late completions then find nothing and are
+    dropped."""
     ctx.unqueue(record)
     lease = ctx.state.orch_leases.get(instance_id)
     if lease is not None:
         ctx.state.release(lease)
     ctx.txn.delete_history(instance_id)
     ctx.txn.delete_inbox(instance_id)
+    ctx.txn.delete_instance_timers(instance_id)
     ctx.txn.delete_instance(instance_id)
     ctx.txn.index_instance(instance_id, record.get("ix"), None)
 

@@ -23,6 +23,7 @@ WIPED_TABLES = (
     "orch_ready",
     "act_ready",
     "timers",
+    "timer_idx",
     "idx_created",
     "idx_status",
     "idx_completed",

@@ -14,7 +14,8 @@ TABLES = (
     "inbox",  # id NUL u64 seq -> HistoryEvent bytes not yet given to the orchestrator
     "orch_ready",  # u64 seq -> instance id with work to dispatch
     "act_ready",  # u64 seq -> msgpack activity request
-    "timers",  # u64 fire_ms, id NUL, i32 timer id -> msgpack {execution id}
+    "timers",  # u64 fire_ms, u8 kind, id NUL, i32 timer id -> msgpack {execution id}
+    "timer_idx",  # id NUL, u64 fire_ms, u8 kind, i32 timer id -> b"" (an orchestration's timers, to go with it)
     "outbox",  # u16 destination partition, u64 seq -> msgpack message
     "dedup",  # u16 sender partition -> u64 last applied seq
     "idx_created",  # u64 created_ms, id -> b"" (queries and purge by created time)
@@ -41,6 +42,9 @@ TIMER_ACTIVITY = 2  # an abandoned activity goes back to the queue (id: task id)
 TIMER_ENTITY_SIGNAL = 3  # a scheduled entity operation is delivered (id: a sequence number)
 TIMER_ENTITY_RELEASE = 4  # an entity held after an abandoned batch is queued again (id: 0)
 SCHEDULED_START_TIMER_ID = 0  # the id of TIMER_RELEASE rows
+# The kinds that belong to an orchestration's execution: indexed by instance, and deleted when it ends, continues
+# as new or is purged. (Entity timers carry operations still to be delivered.)
+INSTANCE_TIMER_KINDS = frozenset((TIMER_ORCHESTRATION, TIMER_RELEASE, TIMER_ACTIVITY))
 
 META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"
@@ -115,6 +119,16 @@ def parse_timer_key(key: bytes) -> tuple[int, int, str, int]:
     fire_ms = _U64.unpack_from(key)[0]
     instance_id = key[9:-5].decode("utf-8")
     return fire_ms, key[8], instance_id, _I32.unpack_from(key, len(key) - 4)[0]
+
+
+def timer_index_key(fire_ms: int, kind: int, instance_id: str, timer_id: int) -> bytes:
+    return instance_prefix(instance_id) + _U64.pack(fire_ms) + bytes((kind,)) + _I32.pack(timer_id)
+
+
+def timer_key_of_index(index_key: bytes, instance_id: str) -> bytes:
+    """The timer row an index row of `instance_id` stands for."""
+    suffix = index_key[len(instance_prefix(instance_id)):]
+    return timer_key(_U64.unpack_from(suffix)[0], suffix[8], instance_id, _I32.unpack_from(suffix, 9)[0])
 
 
 def outbox_key(destination: int, seq: int) -> bytes:

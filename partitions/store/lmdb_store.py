@@ -74,6 +74,7 @@ class StoreTxn:
         self._orch_ready = dbs["orch_ready"]
         self._act_ready = dbs["act_ready"]
         self._timers = dbs["timers"]
+        self._timer_idx = dbs["timer_idx"]
         self._outbox = dbs["outbox"]
         self._dedup = dbs["dedup"]
         self._idx_created = dbs["idx_created"]
@@ -195,6 +196,8 @@ class StoreTxn:
         self, fire_ms: int, instance_id: str, timer_id: int, record: dict[str, Any], kind: int = keys.TIMER_ORCHESTRATION
     ) -> None:
         self.txn.put(keys.timer_key(fire_ms, kind, instance_id, timer_id), pack(record), db=self._timers)
+        if kind in keys.INSTANCE_TIMER_KINDS:
+            self.txn.put(keys.timer_index_key(fire_ms, kind, instance_id, timer_id), b"", db=self._timer_idx)
 
     def due_timers(self, now_ms: int, limit: int) -> list[tuple[bytes, int, int, str, int, dict[str, Any]]]:
         """(key, fire_ms, kind, instance id, timer id, row) of timers due at `now_ms`, earliest first."""
@@ -212,6 +215,22 @@ class StoreTxn:
 
     def delete_timer_key(self, key: bytes) -> None:
         self.txn.delete(key, db=self._timers)
+        fire_ms, kind, instance_id, timer_id = keys.parse_timer_key(key)
+        if kind in keys.INSTANCE_TIMER_KINDS:
+            self.txn.delete(keys.timer_index_key(fire_ms, kind, instance_id, timer_id), db=self._timer_idx)
+
+    def delete_instance_timers(self, instance_id: str) -> None:
+        """Every timer of the instance's orchestration kinds, due or not. (Rows written before the index was kept
+        are not found here; they fire, find their execution gone, and go then.)"""
+        prefix = keys.instance_prefix(instance_id)
+        for index_key, _ in self._items_from(self._timer_idx, prefix):
+            if not index_key.startswith(prefix):
+                break
+            self.txn.delete(keys.timer_key_of_index(index_key, instance_id), db=self._timers)
+        self._delete_prefix(self._timer_idx, prefix)
+
+    def timer_index_count(self) -> int:
+        return self.txn.stat(self._timer_idx)["entries"]
 
     # outbox and dedup
     def put_outbox(self, destination: int, seq: int, message: dict[str, Any]) -> None:

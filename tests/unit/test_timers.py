@@ -63,29 +63,71 @@ def test_fire_timers_honours_the_limit(core):
     assert [e.timerFired.timerId for e in core.inbox("a")] == [1, 2]
 
 
-def test_timer_of_a_completed_instance_is_deleted_without_an_event(core):
+WEEK_MS = 7 * 86_400_000
+
+
+def _no_timers_left(core) -> bool:
+    with core.read() as txn:
+        return core.timers() == [] and txn.timer_index_count() == 0
+
+
+def test_timer_of_a_completed_instance_goes_with_its_execution(core):
+    """An approval that came before its timeout: the timer row once stayed until its fire time (a week, say),
+    through a purge, for every such instance."""
     core.start("a")
     token, _ = core.dispatch_one("a")
-    core.complete_orch("a", token, [create_timer(1, T0 + 5)])
+    core.complete_orch("a", token, [create_timer(1, T0 + WEEK_MS)])
     core.request({"op": "raise", "i": "a", "n": "e"})
     core.run_first("a", [complete(0, COMPLETED)])
 
-    assert core.apply({"op": "fire_timers"}, now=T0 + 5) == []
-    assert core.timers() == []
+    assert _no_timers_left(core)
+    assert core.apply({"op": "fire_timers"}, now=T0 + WEEK_MS) == []
     assert core.inbox("a") == []
 
 
-def test_timer_of_an_earlier_execution_is_dropped_after_continue_as_new(core):
+def test_timer_of_an_earlier_execution_goes_at_continue_as_new(core):
+    """An eternal monitor (wait for an event or a timeout, continue as new) left a row per generation."""
     core.start("a")
-    core.run_first("a", [create_timer(1, T0 + 5)])
+    core.run_first("a", [create_timer(1, T0 + WEEK_MS)])
     core.request({"op": "raise", "i": "a", "n": "e"})
     core.run_first("a", [complete(0, CONTINUED_AS_NEW, '"n"')])
     inbox = core.inbox("a")
+    assert _no_timers_left(core)
 
-    core.apply({"op": "fire_timers"}, now=T0 + 5)
-
-    assert core.timers() == []
+    core.apply({"op": "fire_timers"}, now=T0 + WEEK_MS)
     assert core.inbox("a") == inbox  # no timerFired for the new execution
+
+
+def test_a_timer_that_fires_leaves_nothing_behind(core):
+    core.start("a")
+    core.run_first("a", [create_timer(1, T0 + 5)])
+    core.apply({"op": "fire_timers"}, now=T0 + 5)
+    assert _no_timers_left(core)
+
+
+def test_a_purged_or_replaced_instance_takes_its_timers_with_it(core):
+    core.start("scheduled", ss=T0 + 30 * 86_400_000)  # its start is a timer row
+    core.request({"op": "terminate", "i": "scheduled"})
+    core.request({"op": "purge", "i": "scheduled"})
+    core.start("running")
+    core.run_first("running", [create_timer(1, T0 + WEEK_MS)])
+    core.start("running", reuse=[RUNNING])  # replaced: a new execution with no timers
+    assert _no_timers_left(core)
+
+
+def test_timer_rows_of_an_earlier_version_still_fire_and_go(core):
+    """Rows written before the index was kept are not found by instance: they go when they come due."""
+    core.start("a")
+    core.run_first("a", [create_timer(1, T0 + 5)])
+    txn = core.store.begin(write=True)
+    txn.txn.drop(core.store.dbs["timer_idx"], delete=False)
+    txn.commit()
+    core.request({"op": "raise", "i": "a", "n": "e"})
+    core.run_first("a", [complete(0, COMPLETED)])
+    assert len(core.timers()) == 1
+
+    assert core.apply({"op": "fire_timers"}, now=T0 + 5) == []
+    assert _no_timers_left(core)
 
 
 def test_timer_survives_reopening_the_store(tmp_path):
