@@ -28,6 +28,8 @@ TERMINAL_STATUSES = frozenset(
 )
 MAX_PAGE = 1000
 _MAX_PURGE_DEPTH = 64
+_STILL_RUNNING = object()  # a tree a recursive purge leaves alone: an instance below its root still runs
+_RUNS_ITSELF = object()  # ...its root still runs: not deleted, as without `recursive`
 _HISTORY_CHUNK_BYTES = 1 << 20
 
 
@@ -166,28 +168,56 @@ class Management:
             ids = [translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds]
         else:
             ids = [translate.check_instance_id(request.instanceId, self.config)]
-        counts = await _each(ids, lambda i: self.purge_instance(i, request.recursive, timeout))
-        return pb.PurgeInstancesResponse(deletedInstanceCount=sum(counts), isComplete=wrappers_pb2.BoolValue(value=True))
+        outcomes = await _each(ids, lambda i: self.purge_instance(i, request.recursive, timeout))
+        return pb.PurgeInstancesResponse(deletedInstanceCount=sum(deleted for deleted, _ in outcomes),
+                                         isComplete=wrappers_pb2.BoolValue(value=all(whole for _, whole in outcomes)))
 
     async def purge_instance(
-        self, instance_id: str, recursive: bool, timeout: float, depth: int = 0, parent: str | None = None
-    ) -> int:
-        """Children first, then the instance itself, so an interrupted purge can simply be retried.
-
-        A child is purged only if `parent` started it (the partition checks): a child list can name an id
-        whose start failed because another instance had it.
+        self, instance_id: str, recursive: bool, timeout: float, parent: str | None = None
+    ) -> tuple[int, bool]:
+        """(instances deleted, whether the purge is whole). A recursive purge looks at the whole tree first, and
+        purges it, children first (so an interrupted purge can simply be retried), only if every instance in it
+        has finished: a finished parent's child may still run (it was not awaited, or the parent failed first),
+        and purging the parent would leave that child where no recursive purge can reach it. Such a tree is left
+        as it is, and the purge is reported not whole (isComplete=false). A running instance named itself
+        counts as not deleted, as without `recursive`.
         """
-        partition = self.client.partition_of(instance_id)
+        if not recursive:
+            return await self._purge_one(instance_id, parent, timeout), True
+        tree = await self._finished_tree(instance_id, parent, timeout, 0)
+        if tree is None or tree is _RUNS_ITSELF:
+            return 0, True
+        if tree is _STILL_RUNNING:
+            return 0, False
+        return await self._purge_tree(tree, timeout), True
+
+    async def _finished_tree(self, instance_id: str, parent: str | None, timeout: float, depth: int) -> Any:
+        """(id, parent, [subtrees]) if the instance and all its descendants have finished; _RUNS_ITSELF or
+        _STILL_RUNNING if one has not; None if the instance is gone (or is not `parent`'s child: a child list can name an id whose
+        start failed because another instance had it)."""
         of_parent = {} if parent is None else {"pp": parent}
-        deleted = 0
-        if recursive and depth < _MAX_PURGE_DEPTH:
-            info = await self.client.request(partition, {"op": "get_children", "i": instance_id, **of_parent}, timeout)
-            if info is None or info["s"] not in TERMINAL_STATUSES:
-                return 0
-            counts = await _each(info["ch"], lambda c: self.purge_instance(c, True, timeout, depth + 1, instance_id))
-            deleted += sum(counts)
-        result = await self.client.request(partition, {"op": "purge", "i": instance_id, **of_parent}, timeout)
-        return deleted + result["deleted"]
+        info = await self.client.request(self.client.partition_of(instance_id),
+                                         {"op": "get_children", "i": instance_id, **of_parent}, timeout)
+        if info is None:
+            return None
+        if info["s"] not in TERMINAL_STATUSES:
+            return _RUNS_ITSELF if depth == 0 else _STILL_RUNNING
+        children = info["ch"] if depth < _MAX_PURGE_DEPTH else []
+        subtrees = await _each(children, lambda c: self._finished_tree(c, instance_id, timeout, depth + 1))
+        if any(subtree is _STILL_RUNNING for subtree in subtrees):
+            return _STILL_RUNNING
+        return instance_id, parent, [subtree for subtree in subtrees if subtree is not None]
+
+    async def _purge_tree(self, tree: Any, timeout: float) -> int:
+        instance_id, parent, subtrees = tree
+        counts = await _each(subtrees, lambda subtree: self._purge_tree(subtree, timeout))
+        return sum(counts) + await self._purge_one(instance_id, parent, timeout)
+
+    async def _purge_one(self, instance_id: str, parent: str | None, timeout: float) -> int:
+        of_parent = {} if parent is None else {"pp": parent}
+        result = await self.client.request(self.client.partition_of(instance_id),
+                                           {"op": "purge", "i": instance_id, **of_parent}, timeout)
+        return result["deleted"]
 
     async def _purge_by_filter(self, flt: pb.PurgeInstanceFilter, recursive: bool, timeout: float) -> pb.PurgeInstancesResponse:
         """Bounded batches on every partition until done, or until the filter's timeout (isComplete=false)."""
@@ -210,7 +240,7 @@ class Management:
                 deleted += result["deleted"]
                 if recursive:
                     for child, parent in result["children"]:
-                        deleted += await self.purge_instance(child, True, timeout, parent=parent)
+                        deleted += (await self.purge_instance(child, True, timeout, parent=parent))[0]
                 if not result["more"]:
                     return deleted, True
 

@@ -42,7 +42,12 @@ def parent_of_add_one(ctx: task.OrchestrationContext, inp: dict):
     return result
 
 
-ORCHESTRATORS = [add_one, report_start_time, wait_for_go, parent_of_add_one]
+def parent_that_does_not_wait(ctx: task.OrchestrationContext, child_id: str):
+    ctx.call_sub_orchestrator(wait_for_go, instance_id=child_id)  # not awaited: the parent finishes first
+    return "left"
+
+
+ORCHESTRATORS = [add_one, report_start_time, wait_for_go, parent_of_add_one, parent_that_does_not_wait]
 ACTIVITIES = [plus_one]
 
 
@@ -248,6 +253,29 @@ def test_recursive_purge_removes_child_on_other_partition(client):
     assert result.deleted_instance_count == 2
     assert client.get_orchestration_state(parent_id) is None
     wait_until(lambda: client.get_orchestration_state(child_id) is None, message="child purged")
+
+
+@pytest.mark.engine_only  # the in-memory backend purges only the named instance
+def test_a_recursive_purge_leaves_a_tree_alone_while_a_child_still_runs(client):
+    """Purging the finished parent would leave its running child where no recursive purge reaches it, and drop
+    its result: the tree is left as it is, and the purge says it is not whole."""
+    parent_id = new_id("purge-early-parent")
+    child_id = id_not_on_partition("purge-late-child", partition_of(parent_id))
+    client.schedule_new_orchestration(parent_that_does_not_wait, input=child_id, instance_id=parent_id)
+    finish(client, parent_id)
+    client.wait_for_orchestration_start(child_id, timeout=DEADLINE_S)
+    wait_until(lambda: client.get_orchestration_state(child_id).runtime_status == OrchestrationStatus.RUNNING,
+               message="child running")
+
+    result = client.purge_orchestration(parent_id, recursive=True)
+    assert (result.deleted_instance_count, result.is_complete) == (0, False)
+    assert client.get_orchestration_state(parent_id) is not None
+
+    client.raise_orchestration_event(child_id, "go", data=1)
+    finish(client, child_id)
+    result = client.purge_orchestration(parent_id, recursive=True)
+    assert (result.deleted_instance_count, result.is_complete) == (2, True)
+    assert client.get_orchestration_state(child_id) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
