@@ -40,7 +40,7 @@ from partitions.state_machine.query_instances import (
 )
 from partitions.state_machine.raise_event import apply_raise_event
 from partitions.state_machine.rewind import apply_rewind, apply_rewind_child
-from partitions.state_machine.start_instance import apply_start_child, apply_start_instance
+from partitions.state_machine.start_instance import apply_restart, apply_start_child, apply_start_instance
 from partitions.state_machine.state import CoreState
 from partitions.state_machine.suspend_resume import apply_resume, apply_suspend
 from partitions.state_machine.task_hub import apply_wipe
@@ -78,6 +78,7 @@ COMMANDS: dict[str, Handler] = {
     "signal_entity": apply_signal_entity,
     "rewind": apply_rewind,
     "start": apply_start_instance,
+    "restart": apply_restart,
     "suspend": apply_suspend,
     "terminate": apply_terminate,
     "wait": apply_wait,

@@ -9,7 +9,7 @@ from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.purge_instance import remove_instance
 from partitions.store.keys import SCHEDULED_START_TIMER_ID, TIMER_RELEASE
-from runtime.errors import InstanceAlreadyExistsError
+from runtime.errors import InstanceAlreadyExistsError, InstanceNotCompletedError, InstanceNotFoundError
 
 _EXECUTION_NAMESPACE = uuid.UUID("6f1d3c52-7a0e-4b8e-9a57-2f0d9b1c4e11")
 
@@ -43,6 +43,23 @@ def apply_start_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
             ctx.report_to_parent(parent, ev.TERMINATED, failure=failure)
         remove_instance(ctx, instance_id, existing)
     create_instance(ctx, instance_id, cmd, parent=None)
+    ctx.reply(cmd, {"i": instance_id})
+
+
+def apply_restart(ctx: Ctx, cmd: dict[str, Any]) -> None:
+    """RestartInstance with the same id: the check that the instance has finished and its new start are one
+    command, so of concurrent restarts one starts it and the others are refused as for a running instance, and
+    a restart that comes after a purge finds nothing to restart."""
+    instance_id = cmd["i"]
+    existing = ctx.load(instance_id)
+    if existing is None:
+        raise InstanceNotFoundError(f"no orchestration instance with id '{instance_id}'")
+    if existing["s"] not in ev.TERMINAL:
+        raise InstanceNotCompletedError(f"instance '{instance_id}' is not in a terminal state; it cannot be restarted")
+    start = {"n": existing["n"], "v": existing.get("v"), "in": existing.get("in"), "tg": existing.get("tg") or {},
+             "x": cmd.get("x")}
+    remove_instance(ctx, instance_id, existing)
+    create_instance(ctx, instance_id, start, parent=None)
     ctx.reply(cmd, {"i": instance_id})
 
 

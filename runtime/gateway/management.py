@@ -254,12 +254,17 @@ class Management:
         """Start a terminal instance again with its original name, version, input and tags."""
         instance_id = translate.check_instance_id(request.instanceId, self.config)
         partition = self.client.partition_of(instance_id)
+        if not request.restartWithNewInstanceId:  # checked and started in one command: concurrent restarts, or a
+            # restart and a purge, give one new execution or a clear refusal
+            command = {"op": "restart", "i": instance_id, "x": uuid.uuid4().hex}
+            result = await self.client.request(partition, command, timeout)
+            return pb.RestartInstanceResponse(instanceId=result["i"])
         state = await self.client.request(partition, {"op": "get", "i": instance_id, "pl": True}, timeout)
         if state is None:
             raise InstanceNotFoundError(f"no orchestration instance with id '{instance_id}'")
         if state["s"] not in TERMINAL_STATUSES:
             raise InstanceNotCompletedError(f"instance '{instance_id}' is not in a terminal state; it cannot be restarted")
-        new_id = uuid.uuid4().hex if request.restartWithNewInstanceId else instance_id
+        new_id = uuid.uuid4().hex
         command = {
             "op": "start",
             "i": new_id,

@@ -7,7 +7,12 @@ import pytest
 from partitions.state_machine import actions as act
 from partitions.store.keys import SCHEDULED_START_TIMER_ID
 from protos import orchestrator_service_pb2 as pb
-from runtime.errors import InstanceAlreadyExistsError, StaleCompletionError
+from runtime.errors import (
+    InstanceAlreadyExistsError,
+    InstanceNotCompletedError,
+    InstanceNotFoundError,
+    StaleCompletionError,
+)
 from tests.unit.conftest import (
     COMPLETED,
     FAILED,
@@ -183,3 +188,26 @@ def test_replacing_a_running_sub_orchestration_tells_its_parent(pair):
     assert failed.taskScheduledId == 1
     assert failed.failureDetails.errorType == "OrchestrationReplaced"
     assert p1.record(child)["p"] is None  # the new instance is the client's, not the parent's child
+
+
+def test_a_restart_checks_and_starts_in_one_command(core):
+    """The gateway read the status, then started: of concurrent restarts, losers got ALREADY_EXISTS or
+    FAILED_PRECONDITION by timing, and a restart racing a purge could bring the purged instance back."""
+    core.start("a", name="Orch", data='"in"', tg={"team": "t"})
+    core.run_first("a", [complete(0, COMPLETED, '"out"')])
+    first = core.record("a")["x"]
+
+    core.request({"op": "restart", "i": "a", "x": "x-2"})
+    record = core.record("a")
+    assert (record["s"], record["x"], record["n"], record["in"], record["tg"]) == (PENDING, "x-2", "Orch", '"in"',
+                                                                                 {"team": "t"})
+    assert first != "x-2"
+    with pytest.raises(InstanceNotCompletedError, match="not in a terminal state"):
+        core.request({"op": "restart", "i": "a", "x": "x-3"})  # the concurrent one: refused, not a third start
+    assert core.record("a")["x"] == "x-2"
+
+    core.request({"op": "force_terminate", "i": "a"})
+    core.request({"op": "purge", "i": "a"})
+    with pytest.raises(InstanceNotFoundError):
+        core.request({"op": "restart", "i": "a", "x": "x-4"})  # after the purge: nothing comes back
+    assert core.record("a") is None
