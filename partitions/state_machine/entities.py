@@ -414,9 +414,11 @@ def lock_requested(record: Record, section: str) -> None:
 
 
 def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """CleanEntityStorage: a lock whose owner no longer runs is released (if it is still that lock)."""
+    """CleanEntityStorage: a lock whose owner no longer runs is released (if it is still that lock: the same
+    critical section, since the owner's id may have started again and taken the entity anew meanwhile)."""
     record = ctx.txn.get_entity(cmd["i"])
-    released = record is not None and record["lk"] is not None and record["lo"] == cmd["owner"]
+    released = (record is not None and record["lk"] is not None and record["lo"] == cmd["owner"]
+                and cmd.get("cs", record["lk"]) == record["lk"])
     if released:
         assert record is not None
         _unlocked(record)

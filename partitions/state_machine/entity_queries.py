@@ -51,7 +51,7 @@ def apply_clean_entities(ctx: Ctx, cmd: dict[str, Any]) -> None:
     removed, locks = 0, []
     for entity_id, record in list(ctx.txn.scan_entities("@", "")):
         if record["lk"]:
-            locks.append([entity_id, record["lo"]])
+            locks.append([entity_id, record["lo"], record["lk"]])
         elif cmd.get("empty") and record["st"] is None and not record["rq"] and not ctx.txn.has_inbox(entity_id):
             ctx.txn.delete_entity(entity_id)
             removed += 1

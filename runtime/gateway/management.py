@@ -328,12 +328,11 @@ class Management:
         results = await self._all({"op": "clean_entities", "empty": request.removeEmptyEntities}, timeout)
         released = 0
         if request.releaseOrphanedLocks:
-            for entity_id, owner in (lock for result in results for lock in result["locks"]):
+            for entity_id, owner, *section in (lock for result in results for lock in result["locks"]):
                 state = await self.client.request(self.client.partition_of(owner), {"op": "get", "i": owner}, timeout)
                 if state is None or state["s"] in TERMINAL_STATUSES:
-                    answer = await self.client.request(
-                        self.client.partition_of(entity_id), {"op": "release_lock", "i": entity_id, "owner": owner}, timeout
-                    )
+                    release = {"op": "release_lock", "i": entity_id, "owner": owner, **({"cs": section[0]} if section else {})}
+                    answer = await self.client.request(self.client.partition_of(entity_id), release, timeout)
                     released += int(answer["released"])
         return pb.CleanEntityStorageResponse(
             emptyEntitiesRemoved=sum(r["removed"] for r in results), orphanedLocksReleased=released

@@ -470,10 +470,20 @@ def test_clean_releases_a_lock_whose_holder_ended_without_releasing_it(core):
     assert _locked_by(core, ENTITY) == owner
 
     [listed] = replies(core.request({"op": "clean_entities", "empty": False}))
-    assert listed.result["locks"] == [[ENTITY, owner]]
-    [released] = replies(core.request({"op": "release_lock", "i": ENTITY, "owner": owner}))
+    assert listed.result["locks"] == [[ENTITY, owner, "cs-1"]]
+    [released] = replies(core.request({"op": "release_lock", "i": ENTITY, "owner": owner, "cs": "cs-1"}))
     assert released.result == {"released": True}
     assert _locked_by(core, ENTITY) == waiter
+
+
+def test_clean_does_not_release_a_section_the_owners_id_has_taken_since(core):
+    """Between the listing and the release, the owner's id started again and took the entity anew: that lock is
+    live, and is kept."""
+    core.start("owner")
+    core.run_first("owner", [_lock_action([ENTITY], "owner", "cs-new")])
+    [released] = replies(core.request({"op": "release_lock", "i": ENTITY, "owner": "owner", "cs": "cs-old"}))
+    assert released.result == {"released": False}
+    assert _locked_by(core, ENTITY) == "owner"
 
 
 def test_a_lock_request_that_outlives_its_terminated_orchestration_leaves_nothing_locked(core):
