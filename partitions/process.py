@@ -346,6 +346,8 @@ class PartitionProcess:
             if now - gateway.last_seen_ms > silent_ms:
                 log.warning("partition %d: gateway %r silent; releasing its work items", self.partition, identity)
                 del self.gateways[identity]
+                for matches in gateway.matchers.values():
+                    dispatch.forget(self.state, matches)  # its filtered walks' places, keyed by the matchers' ids
                 self.forgotten[identity] = now
                 self.drop_waiters(lambda w, gone=identity: w.sender == gone)  # their calls ended with the gateway
                 commands.append({"op": "release_gateway", "g": identity})

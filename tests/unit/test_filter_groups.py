@@ -37,6 +37,25 @@ def test_a_partition_forgets_a_group_the_gateway_ends_and_hands_its_credits_back
     asyncio.run(body())
 
 
+def test_a_partition_that_drops_a_silent_gateway_forgets_its_filtered_walks(process: PartitionProcess) -> None:
+    """Their places are keyed by the matchers' ids, which a later matcher may be given: its first walk would
+    then start at another's place."""
+    async def body() -> None:
+        process.channel = process.bind()
+        now = now_ms()
+        process.classify(b"g-1", {"op": "hb"}, now, [])
+        process.classify(b"g-1", {"op": "credit", "k": "o", "g": "grp", "n": 3, "keep": 2,
+                                  "f": {"only_this": []}}, now, [])
+        matcher = process.gateways[b"g-1"].matchers[("grp", "o")]
+        process.state.scan_resume[("orch_cursor", id(matcher))] = 17
+
+        process.judge_gateways_and_leases(now + int(process.config.gateway_timeout_s * 1000) + 1, [])
+        assert b"g-1" not in process.gateways
+        assert process.state.scan_resume == {}
+
+    asyncio.run(body())
+
+
 def test_the_gateway_forgets_a_group_without_streams_once_its_credits_are_back(tmp_path) -> None:
     config = Config(data_dir=str(tmp_path / "data"), partitions=2, heartbeat_interval_s=3600.0)
 
