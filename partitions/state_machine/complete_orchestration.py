@@ -6,7 +6,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record, wake_of
-from partitions.state_machine.entities import release_held_locks
+from partitions.state_machine.entities import release_held_locks, release_undelivered_grants
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
@@ -83,7 +83,7 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if failure is not None:
         # The response's actions were not applied (or not all of them kept): unlocks it carried among them,
         # the engine sends itself, or a critical section the orchestration had ended would stay locked.
-        release_held_locks(ctx, instance_id)
+        release_held_locks(ctx, instance_id, undelivered=False)  # finish_execution releases those
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None and not (terminate_requested and continued):
         _complete(ctx, out)
@@ -119,7 +119,7 @@ def end_without_worker(
     """The engine ends the execution itself, applying no worker response: the unlocks such a response would
     carry are the engine's to send."""
     record.pop("kick", None)
-    release_held_locks(ctx, instance_id)
+    release_held_locks(ctx, instance_id, undelivered=False)  # finish_execution releases those
     finish_execution(ctx, instance_id, record, status, output, failure)
     ctx.save(instance_id, record)
 
@@ -203,8 +203,9 @@ def finish_execution(
     record["out"] = result
     record["fd"] = failure
     record["d"] = ctx.now_ms
-    record["wk"] = 0
+    record["wk"] = record["hu"] = 0  # a hold's release timer goes with the others: a rewind must not wait for it
     ctx.unqueue(record)
+    release_undelivered_grants(ctx, instance_id)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_instance_timers(instance_id)  # a rewind sets again those its replay waits for
     parent = record.get("p")

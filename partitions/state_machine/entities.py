@@ -437,13 +437,15 @@ def unlock(ctx: Ctx, instance_id: str, critical_section: str, lock_set: Any) -> 
         ctx.send_to_instance(entity_id, {"op": "entity_msg", "ev": event})
 
 
-def release_held_locks(ctx: Ctx, instance_id: str) -> None:
+def release_held_locks(ctx: Ctx, instance_id: str, undelivered: bool = True) -> None:
     """The engine ends or replaces an orchestration without its worker's answer (which would carry the unlocks),
-    or it continues as new: the critical sections its execution holds are released. Those it has asked for and
-    not been granted yet release themselves when the grant comes (apply_lock_granted); unlocks sent for them
-    would reach the later entities of the set before the request does, and release nothing there."""
+    or it continues as new: the critical sections its execution holds are released, with (`undelivered`) those
+    granted but not delivered yet. Those it has asked for and not been granted yet release themselves when the
+    grant comes (apply_lock_granted); unlocks sent for them would reach the later entities of the set before the
+    request does, and release nothing there."""
     events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
-    events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
+    if undelivered:
+        events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
     requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet
                  for e in events if e.HasField("entityLockRequested")}
     granted = {e.entityLockGranted.criticalSectionId for e in events if e.HasField("entityLockGranted")}
@@ -451,3 +453,17 @@ def release_held_locks(ctx: Ctx, instance_id: str) -> None:
     for section, lock_set in requested.items():
         if section in granted and section not in released:
             unlock(ctx, instance_id, section, lock_set)
+
+
+def release_undelivered_grants(ctx: Ctx, instance_id: str) -> None:
+    """The execution ends with a grant still in its inbox (it came while the last turn was out): its worker never
+    saw it and will never send the unlock."""
+    sections = {event.entityLockGranted.criticalSectionId
+                for event in (pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id))
+                if event.HasField("entityLockGranted")}
+    if not sections:
+        return
+    for raw in ctx.txn.history(instance_id):
+        event = pb.HistoryEvent.FromString(raw)
+        if event.HasField("entityLockRequested") and event.entityLockRequested.criticalSectionId in sections:
+            unlock(ctx, instance_id, event.entityLockRequested.criticalSectionId, event.entityLockRequested.lockSet)

@@ -20,6 +20,7 @@ from tests.unit.conftest import (
     T0,
     TERMINATED,
     complete,
+    create_timer,
     deliver,
     id_on,
     kinds,
@@ -594,6 +595,29 @@ def test_a_grant_to_a_record_of_an_earlier_version_still_reaches_it(core):
     _grant_waits_then_replace(core, forget_the_list)
     assert _locked_by(core, "@counter@a") == "x"
     assert "entityLockGranted" in kinds(core.inbox("x"))
+
+
+def test_a_grant_that_comes_while_the_last_turn_is_out_is_released_when_the_execution_ends(core):
+    """O waits for E or a timeout; the timeout's turn is out when E comes free and its grant goes into O's inbox;
+    the turn completes O. Its worker never saw the grant and will never send the unlock: E stayed locked by a
+    COMPLETED orchestration, and the next critical section on E waited for ever."""
+    core.start("h")
+    core.run_first("h", [_lock_action([ENTITY], "h", "cs-h")])
+    core.run_first("h", [])  # the grant: h is in its section
+    core.start("o")
+    core.run_first("o", [_lock_action([ENTITY], "o", "cs-o"), create_timer(2, core.now + 10)])
+    core.apply({"op": "fire_timers"}, now=core.now + 10)
+    o_token, _ = core.dispatch_one("o")  # the timeout's turn is out
+    core.request({"op": "raise", "i": "h", "n": "done"})
+    token, _ = core.dispatch_one("h")
+    core.complete_orch("h", token, [_unlock_action("h", "cs-h")])  # E locks for o: the grant waits in o's inbox
+    assert _locked_by(core, ENTITY) == "o" and "entityLockGranted" in kinds(core.inbox("o"))
+
+    core.complete_orch("o", o_token, [complete(3, COMPLETED, '"timeout"')])
+    assert _locked_by(core, ENTITY) is None
+    core.start("z")
+    core.run_first("z", [_lock_action([ENTITY], "z", "cs-z")])
+    assert _locked_by(core, ENTITY) == "z"
 
 
 def test_a_lock_set_naming_an_id_no_entity_can_have_fails_the_orchestration_and_locks_nothing(core):

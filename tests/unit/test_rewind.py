@@ -82,6 +82,26 @@ def test_a_suspend_that_comes_while_the_rewind_is_out_holds_the_rewound_instance
     assert kinds(request.newEvents)[-2:] == ["executionSuspended", "executionResumed"]
 
 
+def test_an_instance_that_failed_while_held_after_an_abandon_runs_again_after_a_rewind(core):
+    """A worker abandoned its turn (the instance is held for the backoff, with a release timer); a terminate woke
+    it through the hold and the turn failed it on an earlier event. Its end took the release timer with its
+    other timers but left the hold: the rewound instance was never ready again."""
+    core.start("a")
+    core.run_first("a", [schedule_task(1, "Flaky")])
+    [(activity, _)] = core.dispatch_act()
+    core.complete_act("a", 1, activity, failure=BOOM)
+    token, _ = core.dispatch_one("a")
+    core.request({"op": "abandon", "tok": token})
+    assert core.record("a")["hu"] > core.now
+    core.request({"op": "terminate", "i": "a", "out": "stop"})
+    token, _ = core.dispatch_one("a")
+    core.complete_orch("a", token, [complete(2, FAILED, failure=BOOM)])  # raised before it saw the terminate
+
+    core.request({"op": "rewind", "i": "a"})
+    _, request = core.dispatch_one("a")
+    assert "executionRewound" in kinds(request.newEvents)
+
+
 def fail_with_child_out(pair) -> tuple[str, str]:
     """A parent on partition 0 started a child on partition 1 (task 1), then failed on Flaky (task 2)."""
     p0, p1 = pair
