@@ -89,21 +89,32 @@ def apply_list_ids(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_purge_filter(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Purge one bounded batch of terminal instances in the created range; never a running one."""
+    """Purge one bounded batch of terminal instances in the created range; never a running one.
+
+    With `r` (recursive), an instance that started sub-orchestrations is not purged here but named in "trees":
+    the gateway purges each such tree whole, children first, or none of it while an instance in it still runs.
+    "last" is where the next batch goes on, past the trees left to the gateway.
+    """
     statuses = (set(cmd.get("statuses") or ()) or set(ev.TERMINAL)) & ev.TERMINAL
-    deleted, children, more = 0, [], False
-    scan = {"cf": cmd.get("cf"), "ct": cmd.get("ct"), "statuses": sorted(statuses)}
-    for _, instance_id in list(_created_candidates(ctx.txn, scan)) if statuses else ():
+    after = _after(cmd.get("after"))
+    deleted, trees, more, last = 0, [], False, None
+    scan = {"cf": cmd.get("cf"), "ct": cmd.get("ct"), "statuses": sorted(statuses), "after": cmd.get("after")}
+    for created, instance_id in list(_created_candidates(ctx.txn, scan)) if statuses else ():
+        if (created, instance_id) <= after:
+            continue
         record = ctx.load(instance_id)
         if record is None or record["s"] not in ev.TERMINAL or record["s"] not in statuses:
             continue
-        if deleted >= MAX_PURGE_BATCH:
+        if deleted + len(trees) >= MAX_PURGE_BATCH:
             more = True
             break
-        children.extend([child, instance_id] for child in record.get("ch") or ())
+        last = [created, instance_id]
+        if cmd.get("r") and record.get("ch"):
+            trees.append(instance_id)
+            continue
         remove_instance(ctx, instance_id, record)
         deleted += 1
-    ctx.reply(cmd, {"deleted": deleted, "more": more, "children": children})
+    ctx.reply(cmd, {"deleted": deleted, "more": more, "trees": trees, "last": last})
 
 
 def apply_history(ctx: Ctx, cmd: dict[str, Any]) -> None:

@@ -220,7 +220,9 @@ class Management:
         return result["deleted"]
 
     async def _purge_by_filter(self, flt: pb.PurgeInstanceFilter, recursive: bool, timeout: float) -> pb.PurgeInstancesResponse:
-        """Bounded batches on every partition until done, or until the filter's timeout (isComplete=false)."""
+        """Bounded batches on every partition until done, or until the filter's timeout (isComplete=false).
+        With `recursive`, a matching instance that started sub-orchestrations is purged as a tree, as by id: whole,
+        or not at all while an instance in it still runs (isComplete=false)."""
         budget = flt.timeout.seconds + flt.timeout.nanos / 1e9 if flt.HasField("timeout") else timeout
         deadline = time.monotonic() + min(budget, timeout)
         command = {
@@ -228,21 +230,25 @@ class Management:
             "cf": _ms(flt, "createdTimeFrom"),
             "ct": _ms(flt, "createdTimeTo"),
             "statuses": _statuses(flt.runtimeStatus),
+            "r": recursive,
         }
 
         async def drain(partition: int) -> tuple[int, bool]:
             """The filter's timeout decides whether another batch starts; a started batch is awaited."""
-            deleted = 0
+            deleted, whole, after = 0, True, None
             while True:
                 if time.monotonic() >= deadline:
                     return deleted, False
-                result = await self.client.request(partition, dict(command), timeout)
+                result = await self.client.request(partition, {**command, "after": after}, timeout)
                 deleted += result["deleted"]
-                if recursive:
-                    for child, parent in result["children"]:
-                        deleted += (await self.purge_instance(child, True, timeout, parent=parent))[0]
+                outcomes = await _each(result.get("trees") or [], lambda root: self.purge_instance(root, True, timeout))
+                deleted += sum(count for count, _ in outcomes)
+                whole = whole and all(tree_whole for _, tree_whole in outcomes)
+                for child, parent in result.get("children") or ():  # a partition of an earlier version
+                    deleted += (await self.purge_instance(child, True, timeout, parent=parent))[0]
                 if not result["more"]:
-                    return deleted, True
+                    return deleted, whole
+                after = result.get("last")
 
         results = await asyncio.gather(*(drain(p) for p in range(self.config.partitions)))
         return pb.PurgeInstancesResponse(

@@ -93,7 +93,13 @@ def big_history(ctx: task.OrchestrationContext, n: int):
     return n
 
 
-ORCHESTRATORS = [echo, two_steps, wait_for_go, fail_now, flaky_orchestrator, parent_after_go, big_history]
+def parent_that_does_not_wait(ctx: task.OrchestrationContext, child_id: str):
+    ctx.call_sub_orchestrator(wait_for_go, instance_id=child_id)  # not awaited: the parent finishes first
+    return "left"
+
+
+ORCHESTRATORS = [echo, two_steps, wait_for_go, fail_now, flaky_orchestrator, parent_after_go, big_history,
+                 parent_that_does_not_wait]
 ACTIVITIES = [plus_one, fails_first_time, big_result]
 
 
@@ -585,6 +591,29 @@ def test_purge_by_filter_status_subset_and_not_recursive(client, raw_stub):
     doomed = set(ids["FAILED"] + ids["COMPLETED"] + ids["TERMINATED"] + ids["parent"])
     assert (rest.deleted_instance_count, rest.is_complete) == (len(doomed) - len(ids["FAILED"]), True)
     assert existing(client, ids) == everything - doomed  # the child (outside the window) stays
+
+
+def test_a_recursive_purge_by_filter_leaves_a_tree_alone_while_a_child_still_runs(client, raw_stub):
+    """The matching parent has finished, its child (not awaited) runs on: purging the parent would leave the
+    child where no recursive purge reaches it. The tree is left, and the purge says it is not whole."""
+    parent = new_id("pfr-parent")
+    child = id_not_on_partition("pfr-child", partition_of(parent))
+    client.schedule_new_orchestration(parent_that_does_not_wait, input=child, instance_id=parent)
+    finish(client, parent)
+    wait_until(lambda: (state := client.get_orchestration_state(child)) is not None
+               and state.runtime_status == OrchestrationStatus.RUNNING, message="child running")
+    window = {"created_time_from": at_ms(created_ms(raw_stub, parent)),
+              "created_time_to": at_ms(created_ms(raw_stub, parent) + 1)}
+
+    result = client.purge_orchestrations_by(**window, recursive=True)
+    assert (result.deleted_instance_count, result.is_complete) == (0, False)
+    assert client.get_orchestration_state(parent) is not None
+
+    client.raise_orchestration_event(child, "go", data="late")
+    finish(client, child)
+    result = client.purge_orchestrations_by(**window, recursive=True)
+    assert (result.deleted_instance_count, result.is_complete) == (2, True)
+    assert client.get_orchestration_state(parent) is None and client.get_orchestration_state(child) is None
 
 
 def test_purge_by_filter_with_the_async_client(runtime, client, raw_stub):

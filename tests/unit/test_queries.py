@@ -153,6 +153,10 @@ def purge_filter(core, **cmd: Any) -> dict[str, Any]:
     return _result(core.request({"op": "purge_filter", **cmd}))
 
 
+def outcome(result: dict[str, Any]) -> tuple[int, bool, list[str]]:
+    return result["deleted"], result["more"], result["trees"]
+
+
 def index_rows(core) -> dict[str, list[tuple]]:
     """Every row of the three index tables, decoded."""
     created = [keys.parse_time_index_key(k) for k, _ in core.raw_table("idx_created")]
@@ -369,7 +373,7 @@ def test_list_ids_lists_only_terminal_instances(core, mixed):
 
 def test_purge_filter_never_deletes_running_instances(core, mixed):
     live = {i for i, m in mixed.model.items() if m["s"] not in TERMINAL}
-    assert purge_filter(core, statuses=[RUNNING, PENDING, SUSPENDED]) == {"deleted": 0, "more": False, "children": []}
+    assert outcome(purge_filter(core, statuses=[RUNNING, PENDING, SUSPENDED])) == (0, False, [])
     result = purge_filter(core, statuses=[RUNNING, PENDING, SUSPENDED, COMPLETED, FAILED, TERMINATED])
     assert result["deleted"] == len(mixed.model) - len(live)
     assert result["more"] is False
@@ -393,14 +397,14 @@ def test_purge_filter_deletes_exactly_the_matching_terminal_instances(core, mixe
     statuses = flt.get("statuses") or TERMINAL
     doomed = set(mixed.expected(statuses, flt.get("cf"), flt.get("ct")))
     result = purge_filter(core, **flt)
-    assert result == {"deleted": len(doomed), "more": False, "children": []}
+    assert outcome(result) == (len(doomed), False, [])
     assert {i for i in mixed.model if core.record(i) is None} == doomed
     survivors = [i for i in mixed.expected() if i not in doomed]
     assert query_ids(core) == survivors
     for i in doomed:
         assert rows_for(core, i) == {"created": [], "status": [], "completed": []}
         assert core.history(i) == []
-    assert purge_filter(core, **flt) == {"deleted": 0, "more": False, "children": []}
+    assert outcome(purge_filter(core, **flt)) == (0, False, [])
 
 
 def test_purge_filter_works_in_batches_of_max_purge_batch(core):
@@ -433,11 +437,11 @@ def test_purge_filter_more_is_set_only_when_something_is_left(core, monkeypatch,
         fleet.make(f"r-{n}", T0 + n, RUNNING)
     got = [(r["deleted"], r["more"]) for r in (purge_filter(core) for _ in batches)]
     assert got == batches
-    assert purge_filter(core) == {"deleted": 0, "more": False, "children": []}
+    assert outcome(purge_filter(core)) == (0, False, [])
     assert sorted(query_ids(core)) == sorted(f"r-{n}" for n in range(terminal))
 
 
-def test_purge_filter_returns_the_children_of_deleted_parents(core):
+def _parent_with_finished_children(core) -> None:
     fleet = Fleet(core)
     fleet.start("parent", T0)
     core.complete_orch("parent", fleet.token("parent"), [create_sub(1, "C", "kid-1"), create_sub(2, "C", "kid-2")],
@@ -447,21 +451,44 @@ def test_purge_filter_returns_the_children_of_deleted_parents(core):
     core.complete_orch("parent", fleet.token("parent"), [complete(0, COMPLETED)], now=T0 + 300)
     assert core.status("parent") == COMPLETED
 
-    # the children were created at T0+100, outside the range; the gateway purges them itself
-    result = purge_filter(core, cf=T0, ct=T0 + 1)
-    assert result["deleted"] == 1 and result["more"] is False
-    assert sorted(result["children"]) == [["kid-1", "parent"], ["kid-2", "parent"]]  # each with its parent
+
+def test_a_recursive_purge_filter_leaves_a_parent_to_the_gateway_as_a_tree(core):
+    """The gateway purges it whole (children first), or not at all while one of them still runs; the children
+    were created at T0+100, outside the range."""
+    _parent_with_finished_children(core)
+    result = purge_filter(core, cf=T0, ct=T0 + 1, r=True)
+    assert outcome(result) == (0, False, ["parent"])
+    assert result["last"] == [T0, "parent"]
+    assert core.record("parent") is not None
+    assert outcome(purge_filter(core, cf=T0, ct=T0 + 1, r=True, after=result["last"])) == (0, False, [])
+
+
+def test_a_purge_filter_that_is_not_recursive_deletes_a_parent_and_leaves_its_children(core):
+    _parent_with_finished_children(core)
+    assert outcome(purge_filter(core, cf=T0, ct=T0 + 1)) == (1, False, [])
     assert core.record("parent") is None
     assert core.record("kid-1") is not None and core.record("kid-2") is not None
 
 
-def test_purge_filter_skips_running_parent_and_reports_no_children(core):
+def test_a_recursive_purge_filter_goes_on_past_the_trees_it_left(core, monkeypatch):
+    monkeypatch.setattr(query_instances, "MAX_PURGE_BATCH", 1)
+    _parent_with_finished_children(core)
+    fleet = Fleet(core)
+    fleet.make("later", T0 + 1, COMPLETED)
+    first = purge_filter(core, r=True)
+    assert outcome(first) == (0, True, ["parent"])
+    second = purge_filter(core, r=True, after=first["last"])
+    assert outcome(second) == (1, True, [])  # "later"; the children come next
+    assert core.record("later") is None and core.record("parent") is not None
+
+
+def test_purge_filter_skips_running_parent_and_reports_no_trees(core):
     fleet = Fleet(core)
     fleet.start("parent", T0)
     core.complete_orch("parent", fleet.token("parent"), [create_sub(1, "C", "kid")], now=T0 + 1)
     core.complete_orch("kid", fleet.token("kid"), [complete(0, COMPLETED)], now=T0 + 2)
-    result = purge_filter(core, cf=T0, ct=T0 + 1)
-    assert result == {"deleted": 0, "more": False, "children": []}
+    result = purge_filter(core, cf=T0, ct=T0 + 1, r=True)
+    assert outcome(result) == (0, False, [])
     assert core.record("parent") is not None
 
 
@@ -546,5 +573,5 @@ def test_an_upper_bound_at_the_epoch_matches_nothing(core, mixed):
     assert query_ids(core, ct=0) == []
     assert query_ids(core, ct=0, statuses=[COMPLETED]) == []
     assert list_ids(core, dt=0) == []
-    assert purge_filter(core, ct=0) == {"deleted": 0, "more": False, "children": []}
+    assert outcome(purge_filter(core, ct=0)) == (0, False, [])
     assert len(query_ids(core)) == 40
