@@ -6,7 +6,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record, wake_of
-from partitions.state_machine.entities import release_held_locks, release_undelivered_grants
+from partitions.state_machine.entities import release_held_locks
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
@@ -81,9 +81,8 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     # on an earlier event of the batch (the SDK ignores a terminate once it has completed): it was accepted.
     continued = out.complete is not None and out.complete.orchestrationStatus == ev.CONTINUED_AS_NEW
     if failure is not None:
-        # The response's actions were not applied (or not all of them kept): unlocks it carried among them,
-        # the engine sends itself, or a critical section the orchestration had ended would stay locked.
-        release_held_locks(ctx, instance_id, undelivered=False)  # finish_execution releases those
+        # The response's actions were not applied (or not all of them kept): the unlocks it carried among them,
+        # finish_execution sends itself.
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None and not (terminate_requested and continued):
         _complete(ctx, out)
@@ -119,7 +118,6 @@ def end_without_worker(
     """The engine ends the execution itself, applying no worker response: the unlocks such a response would
     carry are the engine's to send."""
     record.pop("kick", None)
-    release_held_locks(ctx, instance_id, undelivered=False)  # finish_execution releases those
     finish_execution(ctx, instance_id, record, status, output, failure)
     ctx.save(instance_id, record)
 
@@ -205,7 +203,7 @@ def finish_execution(
     record["d"] = ctx.now_ms
     record["wk"] = record["hu"] = 0  # a hold's release timer goes with the others: a rewind must not wait for it
     ctx.unqueue(record)
-    release_undelivered_grants(ctx, instance_id)
+    release_held_locks(ctx, instance_id, record)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_instance_timers(instance_id)  # a rewind sets again those its replay waits for
     parent = record.get("p")
@@ -230,8 +228,9 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     # would otherwise grow for ever, and a recursive terminate or purge reach every past generation's children.
     record["ch"] = []
     # So do its critical sections: held ones are released, and a grant still to come will release itself.
-    release_held_locks(ctx, instance_id)
+    release_held_locks(ctx, instance_id, record)
     record["lr"] = []
+    record.pop("lh", None)
     record.pop("lx", None)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)

@@ -409,8 +409,10 @@ def _asked_for_by_current_execution(record: Record, section: str) -> bool:
 
 
 def lock_requested(record: Record, section: str) -> None:
-    """The execution's lock request went out: its grant is expected (see apply_lock_granted)."""
+    """The execution's lock request went out: its grant is expected (see apply_lock_granted), and the locks it
+    holds when it ends are released (release_held_locks)."""
     record.setdefault("lr", []).append(section)
+    record["lh"] = 1
 
 
 def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -437,33 +439,26 @@ def unlock(ctx: Ctx, instance_id: str, critical_section: str, lock_set: Any) -> 
         ctx.send_to_instance(entity_id, {"op": "entity_msg", "ev": event})
 
 
-def release_held_locks(ctx: Ctx, instance_id: str, undelivered: bool = True) -> None:
-    """The engine ends or replaces an orchestration without its worker's answer (which would carry the unlocks),
-    or it continues as new: the critical sections its execution holds are released, with (`undelivered`) those
-    granted but not delivered yet. Those it has asked for and not been granted yet release themselves when the
-    grant comes (apply_lock_granted); unlocks sent for them would reach the later entities of the set before the
-    request does, and release nothing there."""
+def release_held_locks(ctx: Ctx, instance_id: str, record: Record) -> None:
+    """An execution ends, continues as new or is replaced: every entity it holds is released, whatever its worker
+    sent. The engine may end it without its worker's answer (which would carry the unlocks); a grant may wait
+    in its inbox, never seen by the worker; and the Python SDK, terminated while a call to one entity of a
+    section is out, sends unlocks for the others only. Entities of a section its worker unlocked are not told
+    again. Sections asked for and not granted yet release themselves when the grant comes (apply_lock_granted);
+    unlocks sent for them would reach the later entities of the set before the request does, and release
+    nothing there."""
+    if "lr" in record and not record.get("lh"):
+        return  # this execution never asked for a lock (records of an earlier version are read through)
     events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
-    if undelivered:
-        events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
+    events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
     requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet
                  for e in events if e.HasField("entityLockRequested")}
     granted = {e.entityLockGranted.criticalSectionId for e in events if e.HasField("entityLockGranted")}
-    released = {e.entityUnlockSent.criticalSectionId for e in events if e.HasField("entityUnlockSent")}
+    unlocked: dict[str, set[str]] = {}
+    for e in events:
+        if e.HasField("entityUnlockSent"):
+            unlocked.setdefault(e.entityUnlockSent.criticalSectionId, set()).add(e.entityUnlockSent.targetInstanceId.value)
     for section, lock_set in requested.items():
-        if section in granted and section not in released:
-            unlock(ctx, instance_id, section, lock_set)
-
-
-def release_undelivered_grants(ctx: Ctx, instance_id: str) -> None:
-    """The execution ends with a grant still in its inbox (it came while the last turn was out): its worker never
-    saw it and will never send the unlock."""
-    sections = {event.entityLockGranted.criticalSectionId
-                for event in (pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id))
-                if event.HasField("entityLockGranted")}
-    if not sections:
-        return
-    for raw in ctx.txn.history(instance_id):
-        event = pb.HistoryEvent.FromString(raw)
-        if event.HasField("entityLockRequested") and event.entityLockRequested.criticalSectionId in sections:
-            unlock(ctx, instance_id, event.entityLockRequested.criticalSectionId, event.entityLockRequested.lockSet)
+        held = [entity_id for entity_id in lock_set if entity_id not in unlocked.get(section, ())]
+        if section in granted and held:
+            unlock(ctx, instance_id, section, held)

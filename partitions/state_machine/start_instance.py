@@ -32,7 +32,7 @@ def apply_start_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
         if existing["s"] not in ev.TERMINAL:
             from partitions.state_machine.entities import release_held_locks  # entities imports this module
 
-            release_held_locks(ctx, instance_id)  # the replaced execution will never send its unlocks
+            release_held_locks(ctx, instance_id, existing)  # the replaced execution will never send its unlocks
         parent = existing.get("p")
         if parent and existing["s"] not in ev.TERMINAL:
             # A running sub-orchestration replaced by the client: its parent would otherwise wait for ever.

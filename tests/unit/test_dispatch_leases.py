@@ -7,6 +7,7 @@ from google.protobuf import wrappers_pb2
 
 from partitions import dispatch
 from partitions.state_machine import actions as act
+from partitions.state_machine import entities
 from partitions.store.lmdb_store import StoreTxn
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
@@ -457,24 +458,53 @@ def test_ending_a_lock_holder_without_its_worker_releases_its_locks(core):
     assert _locked_by(core, ENTITY) is None
 
 
-def test_clean_releases_a_lock_whose_holder_ended_without_releasing_it(core):
-    """A worker that completes an orchestration inside its critical section without the unlocks (a buggy or
-    foreign SDK) orphans the lock: CleanEntityStorage lists it, and releasing it lets the next request in."""
-    owner, waiter = "owner", "waiter"
+def _owner_holds_the_entity_and_a_waiter_asks(core, owner: str = "owner", waiter: str = "waiter") -> str:
     core.start(owner)
     core.run_first(owner, [_lock_action([ENTITY], owner)])
     core.request({"op": "raise", "i": owner, "n": "go"})
     token, _ = core.dispatch_one(owner)
-    core.complete_orch(owner, token, [complete(2, COMPLETED)])  # no unlock
     core.start(waiter)
     core.run_first(waiter, [_lock_action([ENTITY], waiter, "cs-2")])
     assert _locked_by(core, ENTITY) == owner
+    return token
+
+
+def test_a_holder_whose_worker_ends_it_without_the_unlocks_releases_its_locks(core):
+    """The Python SDK, terminated while a call to one entity of a section is out, sends unlocks for the others
+    only (a crash review saw entities stay locked by TERMINATED orchestrations, and everything behind them wait);
+    another SDK may complete inside its section. The end of the execution releases what it still holds."""
+    token = _owner_holds_the_entity_and_a_waiter_asks(core)
+    core.complete_orch("owner", token, [complete(2, COMPLETED)])  # no unlock
+    assert _locked_by(core, ENTITY) == "waiter"
+
+
+def test_an_ending_holder_whose_worker_unlocked_part_of_a_section_releases_the_rest(core, monkeypatch):
+    a, b = "@counter@a", "@counter@b"
+    core.start("owner")
+    core.run_first("owner", [_lock_action([a, b], "owner")])
+    token, _ = core.dispatch_one("owner")  # the grant
+    assert (_locked_by(core, a), _locked_by(core, b)) == ("owner", "owner")
+    sent = []
+    real = entities.unlock
+    monkeypatch.setattr(entities, "unlock", lambda ctx, i, cs, ids: (sent.append((cs, list(ids))), real(ctx, i, cs, ids)))
+    core.complete_orch("owner", token, [_unlock_action("owner", "cs-1", a), complete(5, TERMINATED)])
+    assert (_locked_by(core, a), _locked_by(core, b)) == (None, None)
+    assert sent == [("cs-1", [b])]  # the engine tells only the entity the worker did not
+
+
+def test_clean_releases_a_lock_whose_holder_is_gone(core):
+    """A record lost with its lock still held (an earlier version, which did not release on every end):
+    CleanEntityStorage lists the lock, and releasing it lets the next request in."""
+    _owner_holds_the_entity_and_a_waiter_asks(core)
+    txn = core.store.begin(write=True)
+    txn.delete_instance("owner")
+    txn.commit()
 
     [listed] = replies(core.request({"op": "clean_entities", "empty": False}))
-    assert listed.result["locks"] == [[ENTITY, owner, "cs-1"]]
-    [released] = replies(core.request({"op": "release_lock", "i": ENTITY, "owner": owner, "cs": "cs-1"}))
+    assert listed.result["locks"] == [[ENTITY, "owner", "cs-1"]]
+    [released] = replies(core.request({"op": "release_lock", "i": ENTITY, "owner": "owner", "cs": "cs-1"}))
     assert released.result == {"released": True}
-    assert _locked_by(core, ENTITY) == waiter
+    assert _locked_by(core, ENTITY) == "waiter"
 
 
 def test_clean_does_not_release_a_section_the_owners_id_has_taken_since(core):
