@@ -24,6 +24,7 @@ from partitions.state_machine.queries import condition_met, instance_state
 from partitions.state_machine.state import CoreState, Waiter
 from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore, StoreTxn
+from partitions.store.upgrade import bring_up_to_date
 from runtime import locks
 from runtime.config import Config
 from runtime.errors import DurableRuntimeError
@@ -84,6 +85,7 @@ def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
     raw_epoch = txn.get_meta(keys.META_EPOCH)
     epoch = (keys.unpack_u64(raw_epoch) if raw_epoch else 0) + 1
     txn.put_meta(keys.META_EPOCH, keys.pack_u64(epoch))
+    bring_up_to_date(txn, epoch, store.path)
     state = CoreState(
         partition=partition,
         partition_count=config.partitions,

@@ -66,6 +66,17 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
     record.pop("ab", None)  # a worker took it: the abandon backoff starts over
     record.pop("sp", None)  # ...and ran it: no longer "suspended before it started"
+    if terminations and not record["hl"]:
+        # Its very first turn carried a terminate: one an earlier version queued before any worker had run the
+        # instance (this version ends such an instance as the terminate comes, apply_terminate). The worker ran
+        # it first and may have completed it, ignoring the terminate: the terminate wins, and none of the
+        # turn's actions are applied.
+        _append_history(ctx, instance_id, record, delivered)
+        reason = terminations[0].input.value if terminations[0].HasField("input") else None
+        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None)
+        ctx.save(instance_id, record)
+        ctx.reply(cmd)
+        return
     if record["s"] == ev.PENDING:
         ctx.set_status(instance_id, record, ev.RUNNING)
     # Every response carries the orchestrator's current custom status; none means it was cleared.

@@ -50,6 +50,7 @@ META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"
 META_EPOCH = b"epoch"
 META_SEQ = b"seq"
+META_SCHEMA_EPOCH = b"schema_epoch"  # the epoch this version of the store's layout last started at
 META_HUB_GENERATION = b"hub_generation"  # of the last DeleteTaskHub/CreateTaskHub(recreate) this partition applied
 
 

@@ -119,6 +119,19 @@ class StoreTxn:
     def instance_count(self) -> int:
         return self.txn.stat(self._instances)["entries"]
 
+    def forget_record_fields(self, fields: tuple[str, ...]) -> int:
+        """Drop `fields` from every instance and entity record that has them; how many records changed."""
+        changed = 0
+        for db in (self._instances, self._entities):
+            stale = [(key, record) for key, record in ((k, unpack(v)) for k, v in self._items_from(db, b""))
+                     if any(field in record for field in fields)]
+            for key, record in stale:
+                for field in fields:
+                    record.pop(field, None)
+                self.txn.put(key, pack(record), db=db)
+            changed += len(stale)
+        return changed
+
     # history
     def history(self, instance_id: str) -> list[bytes]:
         return list(self._values_with_prefix(self._history, keys.instance_prefix(instance_id)))
@@ -228,6 +241,17 @@ class StoreTxn:
                 break
             self.txn.delete(keys.timer_key_of_index(index_key, instance_id), db=self._timers)
         self._delete_prefix(self._timer_idx, prefix)
+
+    def rebuild_timer_index(self) -> int:
+        """The index from the timer rows themselves (rows written by a version that kept none); how many."""
+        self.txn.drop(self._timer_idx, delete=False)
+        count = 0
+        for key, _ in self._items_from(self._timers, b""):
+            fire_ms, kind, instance_id, timer_id = keys.parse_timer_key(key)
+            if kind in keys.INSTANCE_TIMER_KINDS:
+                self.txn.put(keys.timer_index_key(fire_ms, kind, instance_id, timer_id), b"", db=self._timer_idx)
+                count += 1
+        return count
 
     def timer_index_count(self) -> int:
         return self.txn.stat(self._timer_idx)["entries"]

@@ -1,0 +1,101 @@
+"""A store last written by another version of the engine is brought up to date when a partition starts
+(partitions/store/upgrade.py), and work that version left queued is handled as this one would."""
+
+from __future__ import annotations
+
+from partitions.process import open_store
+from partitions.state_machine import events as ev
+from partitions.store import keys
+from partitions.store.lmdb_store import LmdbStore
+from runtime.config import Config
+from tests.unit.conftest import T0, TERMINATED, complete, create_timer, kinds, schedule_task
+
+
+def _config(tmp_path) -> Config:
+    return Config(data_dir=str(tmp_path / "data"), partitions=1)
+
+
+def _reopen(config: Config) -> LmdbStore:
+    store, _ = open_store(config, 0)
+    return store
+
+
+def _as_an_earlier_version_would(store: LmdbStore, *, timers: bool = True, records: dict | None = None) -> None:
+    """Another version starts (the epoch moves on without this version's mark) and writes what it writes: timer
+    rows with no index, and records whose counts it does not keep."""
+    txn = store.begin(write=True)
+    epoch = keys.unpack_u64(txn.get_meta(keys.META_EPOCH))
+    txn.put_meta(keys.META_EPOCH, keys.pack_u64(epoch + 1))
+    if timers:
+        txn.txn.drop(store.dbs["timer_idx"], delete=False)
+    for entity_id, record in (records or {}).items():
+        txn.put_entity(entity_id, record)
+    txn.commit()
+
+
+def test_timers_an_earlier_version_wrote_are_indexed_at_the_next_start(tmp_path):
+    """Else they outlived their instances' end and purge, for as long as they had to run (months, for a start
+    scheduled far ahead)."""
+    config = _config(tmp_path)
+    store = _reopen(config)
+    txn = store.begin(write=True)
+    txn.put_timer(T0 + 3_600_000, "scheduled", keys.SCHEDULED_START_TIMER_ID, {"x": "e1"}, keys.TIMER_RELEASE)
+    txn.put_timer(T0 + 3_600_000, "waiting", 1, {"x": "e2"})
+    txn.put_timer(T0 + 5, "@counter@k", 7, {"ev": b""}, keys.TIMER_ENTITY_SIGNAL)  # not an orchestration's
+    txn.commit()
+    _as_an_earlier_version_would(store)
+    store.close()
+
+    store = _reopen(config)
+    txn = store.begin(write=True)
+    assert txn.timer_index_count() == 2
+    txn.delete_instance_timers("scheduled")
+    txn.delete_instance_timers("waiting")
+    assert [kind for _, _, kind, _, _, _ in txn.due_timers(2**63 - 1, 10)] == [keys.TIMER_ENTITY_SIGNAL]
+    txn.abort()
+    store.close()
+
+
+def test_counts_an_earlier_version_left_stale_are_dropped_at_the_next_start(tmp_path):
+    """A rollback to an earlier version, then a redeploy: that version queued the owner's call to a locked
+    entity without counting it, and this one, trusting the count, never ran the call: the entity stayed locked."""
+    config = _config(tmp_path)
+    store = _reopen(config)
+    stale = {"st": "1", "lm": T0, "lk": "cs-1", "lo": "owner", "rq": 0, "lq": 0, "oq": 0, "uq": False}
+    _as_an_earlier_version_would(store, timers=False, records={"@counter@f": stale})
+    store.close()
+
+    store = _reopen(config)
+    txn = store.begin()
+    record = txn.get_entity("@counter@f")
+    txn.abort()
+    assert "oq" not in record and "uq" not in record and record["lk"] == "cs-1"
+    store.close()
+    store = _reopen(config)  # this version's own restarts keep them
+    txn = store.begin(write=True)
+    txn.put_entity("@counter@f", {**record, "oq": 1, "uq": False})
+    txn.commit()
+    store.close()
+    store = _reopen(config)
+    txn = store.begin()
+    assert txn.get_entity("@counter@f")["oq"] == 1
+    txn.abort()
+    store.close()
+
+
+def test_a_terminate_an_earlier_version_queued_before_the_first_turn_wins_over_that_turn(core):
+    """This version ends an instance no worker has run as the terminate comes; an earlier one queued it behind
+    the start, so the first turn carries it, and an orchestration that completes on its first turn ignored it:
+    a start scheduled for next month, terminated today, ran (after an upgrade) at once."""
+    core.start("a")
+    txn = core.store.begin(write=True)
+    txn.put_inbox("a", core.state.next_seq(), ev.execution_terminated(core.now, '"stop"', False))
+    txn.commit()
+    token, request = core.dispatch_one("a")
+    assert kinds(request.newEvents)[-1] == "executionTerminated"
+
+    core.complete_orch("a", token, [schedule_task(1, "SideEffect"), create_timer(2, T0 + 10),
+                                    complete(3, result='"ran"')])
+    assert core.status("a") == TERMINATED and core.record("a")["out"] == '"stop"'
+    assert core.activities() == [] and core.timers() == []
+
