@@ -684,17 +684,9 @@ def test_a_signal_to_an_entity_with_a_long_queue_reads_only_the_head(core, monke
     the whole queue twice (lock messages, then runnable operations): 8,000 signals took 10 ms each by the end,
     quadratic in all, and held up the rest of the partition. The record counts the lock messages queued, and
     the runnable operations are read only as far as a batch goes."""
-    read = {"rows": 0}
-    real = StoreTxn.inbox_iter
-
-    def counted(self, instance_id):
-        for row in real(self, instance_id):
-            read["rows"] += 1
-            yield row
-
     for n in range(2_000):
         core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": f"r{n}"})
-    monkeypatch.setattr(StoreTxn, "inbox_iter", counted)
+    read = _rows_read(monkeypatch)
     core.request({"op": "signal_entity", "i": ENTITY, "n": "add", "req": "one-more"})
     assert read["rows"] <= 2, read  # the head, to see the entity still has work
 
