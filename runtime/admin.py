@@ -367,7 +367,8 @@ def cmd_purge(admin: Admin, a: argparse.Namespace) -> None:
     if a.id is not None and not res.deletedInstanceCount:
         print("(only an existing instance in a terminal state is purged)", file=sys.stderr)
     if not complete:
-        print("purge incomplete (time ran out): run the command again", file=sys.stderr)
+        why = "a sub-orchestration still runs" if a.id is not None else "time ran out, or a sub-orchestration still runs"
+        print(f"purge incomplete ({why}; such a tree is left whole): run the command again later", file=sys.stderr)
 
 
 def set_time_range(message: Any, a: argparse.Namespace, from_name: str, to_name: str) -> None:
