@@ -240,8 +240,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     record["ch"] = []
     # So do its critical sections: held ones are released, and a grant still to come will release itself.
     release_held_locks(ctx, instance_id, record)
-    record["lr"] = []
-    record.pop("lh", None)
+    record["lr"], record["lh"] = [], 0
     record.pop("lx", None)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)

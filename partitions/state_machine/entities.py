@@ -408,6 +408,14 @@ def _asked_for_by_current_execution(record: Record, section: str) -> bool:
     return True
 
 
+def lock_sections(events: list[pb.HistoryEvent]) -> tuple[list[str], bool]:
+    """From an execution's history and inbox: the sections it asked for and has not been granted ("lr"), and
+    whether it asked for any ("lh")."""
+    requested = [e.entityLockRequested.criticalSectionId for e in events if e.HasField("entityLockRequested")]
+    granted = {e.entityLockGranted.criticalSectionId for e in events if e.HasField("entityLockGranted")}
+    return [section for section in requested if section not in granted], bool(requested)
+
+
 def lock_requested(record: Record, section: str) -> None:
     """The execution's lock request went out: its grant is expected (see apply_lock_granted), and the locks it
     holds when it ends are released (release_held_locks)."""
@@ -447,8 +455,8 @@ def release_held_locks(ctx: Ctx, instance_id: str, record: Record) -> None:
     again. Sections asked for and not granted yet release themselves when the grant comes (apply_lock_granted);
     unlocks sent for them would reach the later entities of the set before the request does, and release
     nothing there."""
-    if "lr" in record and not record.get("lh"):
-        return  # this execution never asked for a lock (records of an earlier version are read through)
+    if record.get("lh", 1) == 0:
+        return  # this execution never asked for a lock (a record that does not say is read through)
     events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
     events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
     requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet

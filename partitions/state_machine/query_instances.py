@@ -114,7 +114,8 @@ def apply_purge_filter(ctx: Ctx, cmd: dict[str, Any]) -> None:
             continue
         remove_instance(ctx, instance_id, record)
         deleted += 1
-    ctx.reply(cmd, {"deleted": deleted, "more": more, "trees": trees, "last": last})
+    # "children" is what a gateway of the earlier version reads; this version names no child to purge afterwards.
+    ctx.reply(cmd, {"deleted": deleted, "more": more, "trees": trees, "last": last, "children": []})
 
 
 def apply_history(ctx: Ctx, cmd: dict[str, Any]) -> None:

@@ -97,6 +97,7 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
         "g": 0,
         "ch": [],
         "lr": [],  # critical sections asked for and not granted yet
+        "lh": 0,  # whether it has asked for any
     }
     if cmd.get("tc"):
         record["tc"] = cmd["tc"]

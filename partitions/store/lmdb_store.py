@@ -119,18 +119,19 @@ class StoreTxn:
     def instance_count(self) -> int:
         return self.txn.stat(self._instances)["entries"]
 
-    def forget_record_fields(self, fields: tuple[str, ...]) -> int:
-        """Drop `fields` from every instance and entity record that has them; how many records changed."""
-        changed = 0
-        for db in (self._instances, self._entities):
-            stale = [(key, record) for key, record in ((k, unpack(v)) for k, v in self._items_from(db, b""))
-                     if any(field in record for field in fields)]
-            for key, record in stale:
-                for field in fields:
-                    record.pop(field, None)
-                self.txn.put(key, pack(record), db=db)
-            changed += len(stale)
-        return changed
+    def scan_instances(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key, value in self._items_from(self._instances, b""):
+            yield key.decode("utf-8"), unpack(value)
+
+    def forget_entity_fields(self, fields: tuple[str, ...]) -> int:
+        """Drop `fields` from every entity record that has them; how many records changed."""
+        stale = [(key, record) for key, record in ((k, unpack(v)) for k, v in self._items_from(self._entities, b""))
+                 if any(field in record for field in fields)]
+        for key, record in stale:
+            for field in fields:
+                record.pop(field, None)
+            self.txn.put(key, pack(record), db=self._entities)
+        return len(stale)
 
     # history
     def history(self, instance_id: str) -> list[bytes]:

@@ -10,27 +10,51 @@ call its count says is not there.
 
 The store records the epoch this version last started at. Every start moves the epoch on by one, so when the
 recorded one is not the previous epoch, another version has started in between (or this version never has):
-the index is built afresh from the timer rows, and the counts are dropped, to be taken afresh when needed.
+the index is built afresh from the timer rows, the entities' counts are dropped (they are taken afresh from the
+queue when needed), and each unfinished orchestration's lock sections are listed afresh from its history.
 """
 
 from __future__ import annotations
 
 import logging
 
+from partitions.state_machine import events as ev
 from partitions.store import keys
 from partitions.store.lmdb_store import StoreTxn
+from protos import orchestrator_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-COUNTED_FIELDS = ("oq", "uq", "lr", "lh")
+ENTITY_COUNTS = ("lq", "oq", "uq")
 
 
 def bring_up_to_date(txn: StoreTxn, epoch: int, path: str) -> None:
     raw = txn.get_meta(keys.META_SCHEMA_EPOCH)
     if raw is None or keys.unpack_u64(raw) != epoch - 1:
         indexed = txn.rebuild_timer_index()
-        forgotten = txn.forget_record_fields(COUNTED_FIELDS) if raw is not None else 0
-        if indexed or forgotten:
-            log.info("%s: written by another version; brought up to date (%d timers indexed, %d records' counts"
-                     " dropped)", path, indexed, forgotten)
+        forgotten = txn.forget_entity_fields(ENTITY_COUNTS)
+        listed = _list_lock_sections(txn)
+        if indexed or forgotten or listed:
+            log.info("%s: brought up to date after another version (%d timers indexed, %d entities' counts dropped,"
+                     " %d orchestrations' lock requests listed)", path, indexed, forgotten, listed)
     txn.put_meta(keys.META_SCHEMA_EPOCH, keys.pack_u64(epoch))
+
+
+def _list_lock_sections(txn: StoreTxn) -> int:
+    """Each unfinished orchestration's lock sections, from its history: an earlier version may not have listed
+    them, or listed a later one's. (Dropping the list instead would hand a replaced execution's grant to the
+    new one; a stale one would refuse the grant the execution waits for.)"""
+    from partitions.state_machine.entities import lock_sections  # the store does not import the core at load
+
+    changed = 0
+    for instance_id, record in list(txn.scan_instances()):
+        if record.get("s") in ev.TERMINAL:
+            continue
+        events = [pb.HistoryEvent.FromString(raw) for raw in txn.history(instance_id)]
+        events += [pb.HistoryEvent.FromString(raw) for _, raw in txn.inbox(instance_id)]
+        pending, asked = lock_sections(events)
+        if record.get("lr") != pending or record.get("lh") != int(asked):
+            record["lr"], record["lh"] = pending, int(asked)
+            txn.put_instance(instance_id, record)
+            changed += 1
+    return changed

@@ -8,7 +8,8 @@ from partitions.state_machine import events as ev
 from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore
 from runtime.config import Config
-from tests.unit.conftest import T0, TERMINATED, complete, create_timer, kinds, schedule_task
+from tests.unit.conftest import T0, TERMINATED, Core, complete, create_timer, kinds, schedule_task
+from tests.unit.test_dispatch_leases import ENTITY, _lock_action
 
 
 def _config(tmp_path) -> Config:
@@ -62,6 +63,7 @@ def test_counts_an_earlier_version_left_stale_are_dropped_at_the_next_start(tmp_
     config = _config(tmp_path)
     store = _reopen(config)
     stale = {"st": "1", "lm": T0, "lk": "cs-1", "lo": "owner", "rq": 0, "lq": 0, "oq": 0, "uq": False}
+    # (a version from before the lock-message count left "lq" stale the same way)
     _as_an_earlier_version_would(store, timers=False, records={"@counter@f": stale})
     store.close()
 
@@ -69,7 +71,7 @@ def test_counts_an_earlier_version_left_stale_are_dropped_at_the_next_start(tmp_
     txn = store.begin()
     record = txn.get_entity("@counter@f")
     txn.abort()
-    assert "oq" not in record and "uq" not in record and record["lk"] == "cs-1"
+    assert not {"lq", "oq", "uq"} & set(record) and record["lk"] == "cs-1"
     store.close()
     store = _reopen(config)  # this version's own restarts keep them
     txn = store.begin(write=True)
@@ -99,3 +101,36 @@ def test_a_terminate_an_earlier_version_queued_before_the_first_turn_wins_over_t
     assert core.status("a") == TERMINATED and core.record("a")["out"] == '"stop"'
     assert core.activities() == [] and core.timers() == []
 
+
+
+def test_lock_sections_an_earlier_version_did_not_list_are_listed_from_history(tmp_path):
+    """Dropping the list would hand a replaced execution's grant to the new execution; leaving one an earlier
+    version did not keep would refuse the grant the execution waits for. And a record that never said whether
+    its execution asked for a lock is read through when it ends."""
+    config = _config(tmp_path)
+    _reopen(config).close()
+    core = Core(config.partition_data_dir(0))
+    core.start("h")
+    core.run_first("h", [_lock_action([ENTITY], "h", "cs-h")])
+    core.run_first("h")  # the grant: h holds the entity
+    core.start("o")
+    core.run_first("o", [_lock_action([ENTITY], "o", "cs-o")])  # o waits for it
+    core.start("p")
+    core.run_first("p")  # p asks for nothing
+    for instance_id in ("h", "o", "p"):
+        record = core.record(instance_id)
+        del record["lr"], record["lh"]
+        txn = core.store.begin(write=True)
+        txn.put_instance(instance_id, record)
+        txn.commit()
+    core.close()
+    store = LmdbStore(config.partition_data_dir(0), 1 << 26)
+    _as_an_earlier_version_would(store, timers=False)
+    store.close()
+
+    store = _reopen(config)
+    txn = store.begin()
+    assert [(txn.get_instance(i)["lr"], txn.get_instance(i)["lh"]) for i in ("h", "o", "p")] == [
+        ([], 1), (["cs-o"], 1), ([], 0)]
+    txn.abort()
+    store.close()
