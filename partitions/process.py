@@ -73,6 +73,9 @@ def claim_store(config: Config, partition: int) -> int:
 def open_store(config: Config, partition: int) -> tuple[LmdbStore, CoreState]:
     """Open the environment, check the recorded partition count, and start a new epoch."""
     store = LmdbStore(config.partition_data_dir(partition), config.map_size_bytes)
+    # Opened with a map smaller than its file, a store gets a map of just its used size; bringing it up to date
+    # after another version may rewrite much of it (copy on write), so there must be room for that first.
+    store.ensure_room(store.used_bytes())
     txn = store.begin(write=True)
     recorded = txn.get_meta(keys.META_PARTITION_COUNT)
     if recorded is not None and keys.unpack_u64(recorded) != config.partitions:

@@ -134,3 +134,46 @@ def test_lock_sections_an_earlier_version_did_not_list_are_listed_from_history(t
         ([], 1), (["cs-o"], 1), ([], 0)]
     txn.abort()
     store.close()
+
+
+def test_a_store_larger_than_its_configured_map_is_brought_up_to_date(tmp_path):
+    """Opened with a map smaller than its file, a store gets a map of just its used size; the upgrade's
+    rewrite of its records (copy on write) then hit MapFullError at every start: a crash loop."""
+    config = Config(data_dir=str(tmp_path / "data"), partitions=1, map_size_bytes=1 << 20)
+    _reopen(config).close()
+    store = LmdbStore(config.partition_data_dir(0), config.map_size_bytes)
+    for chunk in range(6):  # about 4 MiB of unfinished instances whose records say nothing of locks
+        store.ensure_room(1 << 20)
+        txn = store.begin(write=True)
+        for n in range(chunk * 500, chunk * 500 + 500):
+            txn.put_instance(f"i-{n:05d}", {"n": "Orch", "s": 0, "x": "x", "in": "i" * 1_000, "hl": 0, "ch": []})
+        txn.commit()
+    assert store.used_bytes() > 3 * config.map_size_bytes
+    _as_an_earlier_version_would(store, timers=False)
+    store.close()
+
+    store = _reopen(config)
+    txn = store.begin()
+    assert txn.get_instance("i-02999")["lh"] == 0
+    txn.abort()
+    store.close()
+
+
+def test_a_history_that_cannot_be_read_does_not_stop_the_partition_from_starting(tmp_path):
+    """Corrupt rows fail the instance that reads them when it next runs; at start they would stop every start."""
+    config = _config(tmp_path)
+    _reopen(config).close()
+    store = LmdbStore(config.partition_data_dir(0), config.map_size_bytes)
+    txn = store.begin(write=True)
+    for instance_id in ("bad", "good"):
+        txn.put_instance(instance_id, {"n": "Orch", "s": 0, "x": "x", "hl": 1, "ch": []})
+    txn.put_history("bad", 0, b"\xff\xff\xff")
+    txn.commit()
+    _as_an_earlier_version_would(store, timers=False)
+    store.close()
+
+    store = _reopen(config)
+    txn = store.begin()
+    assert "lh" not in txn.get_instance("bad") and txn.get_instance("good")["lh"] == 0
+    txn.abort()
+    store.close()
