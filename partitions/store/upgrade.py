@@ -46,8 +46,8 @@ def _list_lock_sections(txn: StoreTxn) -> int:
     new one; a stale one would refuse the grant the execution waits for.)"""
     from partitions.state_machine.entities import lock_sections  # the store does not import the core at load
 
-    changed = 0
-    for instance_id, record in list(txn.scan_instances()):
+    changed: list[tuple[str, dict]] = []  # written after the walk over the table; only these are kept
+    for instance_id, record in txn.scan_instances():
         if record.get("s") in ev.TERMINAL:
             continue
         try:
@@ -59,6 +59,7 @@ def _list_lock_sections(txn: StoreTxn) -> int:
         pending, asked = lock_sections(events)
         if record.get("lr") != pending or record.get("lh") != int(asked):
             record["lr"], record["lh"] = pending, int(asked)
-            txn.put_instance(instance_id, record)
-            changed += 1
-    return changed
+            changed.append((instance_id, record))
+    for instance_id, record in changed:
+        txn.put_instance(instance_id, record)
+    return len(changed)
