@@ -215,6 +215,10 @@ def finish_execution(
     record["wk"] = record["hu"] = 0  # a hold's release timer goes with the others: a rewind must not wait for it
     ctx.unqueue(record)
     release_held_locks(ctx, instance_id, record)
+    if status == ev.TERMINATED:  # ended by a terminate (forced, or with the first turn): a recursive one queued
+        # behind counts as taken
+        queued = [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
+        _cascade_queued_terminate(ctx, instance_id, record, queued)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_instance_timers(instance_id)  # a rewind sets again those its replay waits for
     parent = record.get("p")
@@ -233,8 +237,9 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     # numbers its tasks from 0 again, and the SDK would match such a result to a task of its own.
     leftovers = [event for event in (pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id))
                  if event.WhichOneof("eventType") in _OUTLIVE_AN_EXECUTION]
-    if any(event.executionTerminated.recurse for event in leftovers if event.HasField("executionTerminated")):
-        terminate_children(ctx, instance_id, record, None, [])  # before the list goes: it carries over only here
+    # A recursive terminate that came meanwhile ends the new execution (its first turn), and reaches the old one's
+    # children now, before the list goes: it carries over only here.
+    _cascade_queued_terminate(ctx, instance_id, record, leftovers)
     # Children belong to the execution that started them, as in its history: an eternal orchestration's list
     # would otherwise grow for ever, and a recursive terminate or purge reach every past generation's children.
     record["ch"] = []
@@ -295,6 +300,21 @@ def _requeue_if_pending(ctx: Ctx, instance_id: str, record: Record) -> None:
         ctx.mark_ready(instance_id, record)
     else:
         record["wk"] = 0
+
+
+def _cascade_queued_terminate(ctx: Ctx, instance_id: str, record: Record, queued: list[pb.HistoryEvent]) -> None:
+    """A recursive terminate among `queued` (events that were waiting for the instance's next turn) reaches the
+    children with its reason: the instance's end or replacement takes it without a turn that would."""
+    recursive = [e.executionTerminated for e in queued if e.HasField("executionTerminated") and e.executionTerminated.recurse]
+    if recursive:
+        reason = recursive[0].input.value if recursive[0].HasField("input") else None
+        terminate_children(ctx, instance_id, record, reason, [])
+
+
+def cascade_queued_terminate(ctx: Ctx, instance_id: str, record: Record) -> None:
+    """The instance is replaced while it runs: a recursive terminate queued for it reaches its children."""
+    _cascade_queued_terminate(ctx, instance_id, record,
+                              [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)])
 
 
 def terminate_children(ctx: Ctx, instance_id: str, record: dict[str, Any], output: Any, via: list[str]) -> None:

@@ -30,9 +30,13 @@ def apply_start_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
                 f" (status {ev.pb.OrchestrationStatus.Name(existing['s'])})"
             )
         if existing["s"] not in ev.TERMINAL:
+            from partitions.state_machine.complete_orchestration import (
+                cascade_queued_terminate,  # (imports us)
+            )
             from partitions.state_machine.entities import release_held_locks  # entities imports this module
 
             release_held_locks(ctx, instance_id, existing)  # the replaced execution will never send its unlocks
+            cascade_queued_terminate(ctx, instance_id, existing)
         parent = existing.get("p")
         if parent and existing["s"] not in ev.TERMINAL:
             # A running sub-orchestration replaced by the client: its parent would otherwise wait for ever.

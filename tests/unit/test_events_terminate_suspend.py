@@ -383,3 +383,47 @@ def test_a_recursive_terminate_does_not_reach_an_instance_whose_id_a_child_could
     p0.complete_orch(parent, token, [complete(1, TERMINATED)])
     deliver(p1, p0)  # "did not start" reaches the parent after it has ended
     assert stranger not in p0.record(parent).get("ch", [])
+
+
+def _parent_with_a_running_child(pair) -> tuple[str, str]:
+    p0, p1 = pair
+    parent, child = id_on(0, 2, "parent"), id_on(1, 2, "kid")
+    p0.start(parent)
+    p0.run_first(parent, [create_sub(1, "C", child)])
+    deliver(p0, p1)
+    p1.run_first(child, [])  # it runs: it takes a terminate from its worker
+    return parent, child
+
+
+def _told(core, instance_id: str) -> list[str | None]:
+    return [e.executionTerminated.input.value if e.executionTerminated.HasField("input") else None
+            for e in core.inbox(instance_id) if e.HasField("executionTerminated")]
+
+
+@pytest.mark.parametrize("ends_it", ["forced terminate", "replaced by a start with a reuse policy"])
+def test_a_recursive_terminate_queued_when_the_engine_ends_the_parent_still_reaches_the_children(pair, ends_it):
+    """With the cascade moved to when the instance takes the terminate, an end without a worker's turn (the
+    usual way out when no worker takes it) deleted the queued terminate with the inbox: the children ran on."""
+    p0, p1 = pair
+    parent, child = _parent_with_a_running_child(pair)
+    p0.request({"op": "terminate", "i": parent, "out": '"stop"', "r": True})
+    if ends_it == "forced terminate":
+        p0.request({"op": "force_terminate", "i": parent, "out": '"forced"'})
+    else:
+        p0.start(parent, reuse=[RUNNING])
+    deliver(p0, p1)
+    assert _told(p1, child) == ['"stop"']
+
+
+def test_a_recursive_terminate_that_comes_while_a_continue_as_new_is_out_reaches_the_children_with_its_reason(pair):
+    p0, p1 = pair
+    parent, child = _parent_with_a_running_child(pair)
+    p0.request({"op": "raise", "i": parent, "n": "go"})
+    token, _ = p0.dispatch_one(parent)
+    p0.request({"op": "terminate", "i": parent, "out": '"shutdown"', "r": True})
+    p0.complete_orch(parent, token, [complete(2, CONTINUED_AS_NEW, '"next"')])
+    deliver(p0, p1)
+    assert _told(p1, child) == ['"shutdown"']
+    token, _ = p0.dispatch_one(parent)  # the new execution's first turn carries the terminate
+    p0.complete_orch(parent, token, [complete(1, COMPLETED, '"ran"')])
+    assert p0.status(parent) == TERMINATED and p0.record(parent)["out"] == '"shutdown"'
