@@ -91,18 +91,20 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     # A terminate delivered with this work item ends the instance even if the orchestrator continued as new
     # on an earlier event of the batch (the SDK ignores a terminate once it has completed): it was accepted.
     continued = out.complete is not None and out.complete.orchestrationStatus == ev.CONTINUED_AS_NEW
+    # A recursive terminate this turn delivered reaches the children below; one still queued behind it is moot
+    # (it came after the first), so the end does not cascade that one too.
+    recursive = [t for t in terminations if t.recurse]
     if failure is not None:
         # The response's actions were not applied (or not all of them kept): the unlocks it carried among them,
         # finish_execution sends itself.
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None and not (terminate_requested and continued):
-        _complete(ctx, out)
+        _complete(ctx, out, cascade_queued=not recursive)
     elif terminate_requested:
         reason = terminations[0].input.value if terminations[0].HasField("input") else None
-        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None)
+        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None, cascade_queued=not recursive)
     else:
         _requeue_if_pending(ctx, instance_id, record)
-    recursive = [t for t in terminations if t.recurse]
     if record["s"] == ev.TERMINATED and recursive:
         # A recursive terminate reaches the children when the instance takes it (not when it is asked for: a turn
         # in flight then may complete the instance first, and the children stay as they are).
@@ -175,7 +177,7 @@ def _append_history(ctx: Ctx, instance_id: str, record: Record, events: list[byt
     record["hl"] = index
 
 
-def _complete(ctx: Ctx, out: Outcome) -> None:
+def _complete(ctx: Ctx, out: Outcome, cascade_queued: bool = True) -> None:
     complete = out.complete
     assert complete is not None
     result = complete.result.value if complete.HasField("result") else None
@@ -188,7 +190,8 @@ def _complete(ctx: Ctx, out: Outcome) -> None:
         name = pb.OrchestrationStatus.Name(status) if status in pb.OrchestrationStatus.values() else str(status)
         failure = ev.failure_details("InvalidStatus", f"completeOrchestration with non-terminal status {name}")
         status, result = ev.FAILED, None
-    finish_execution(ctx, out.instance_id, out.record, status, result, failure, event_id=out.complete_id)
+    finish_execution(ctx, out.instance_id, out.record, status, result, failure, event_id=out.complete_id,
+                     cascade_queued=cascade_queued)
 
 
 def finish_execution(
@@ -199,8 +202,11 @@ def finish_execution(
     result: str | None,
     failure: bytes | None,
     event_id: int = -1,
+    cascade_queued: bool = True,
 ) -> None:
-    """End the execution: executionCompleted, the outcome, pending events dropped, the parent told."""
+    """End the execution: executionCompleted, the outcome, pending events dropped, the parent told. Ended by a
+    terminate, it counts a recursive terminate still queued as taken (`cascade_queued`; not when the turn that
+    ends it delivered one: that one cascades, and came first)."""
     completed = pb.ExecutionCompletedEvent(orchestrationStatus=status, result=ev.string_value(result))
     if failure:
         completed.failureDetails.ParseFromString(failure)
@@ -215,8 +221,7 @@ def finish_execution(
     record["wk"] = record["hu"] = 0  # a hold's release timer goes with the others: a rewind must not wait for it
     ctx.unqueue(record)
     release_held_locks(ctx, instance_id, record)
-    if status == ev.TERMINATED:  # ended by a terminate (forced, or with the first turn): a recursive one queued
-        # behind counts as taken
+    if status == ev.TERMINATED and cascade_queued:
         queued = [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
         _cascade_queued_terminate(ctx, instance_id, record, queued)
     ctx.txn.delete_inbox(instance_id)

@@ -427,3 +427,19 @@ def test_a_recursive_terminate_that_comes_while_a_continue_as_new_is_out_reaches
     token, _ = p0.dispatch_one(parent)  # the new execution's first turn carries the terminate
     p0.complete_orch(parent, token, [complete(1, COMPLETED, '"ran"')])
     assert p0.status(parent) == TERMINATED and p0.record(parent)["out"] == '"shutdown"'
+
+
+@pytest.mark.parametrize("answer", ["terminated", "continued as new first"])
+def test_a_second_recursive_terminate_queued_behind_the_one_a_turn_delivers_does_not_cascade_again(pair, answer):
+    """The first one ends the parent, and the second came after it: the children hear once, with the first's
+    reason (they were told twice, the second's reason first)."""
+    p0, p1 = pair
+    parent, child = _parent_with_a_running_child(pair)
+    p0.request({"op": "terminate", "i": parent, "out": '"first"', "r": True})
+    token, _ = p0.dispatch_one(parent)
+    p0.request({"op": "terminate", "i": parent, "out": '"second"', "r": True})
+    status = TERMINATED if answer == "terminated" else CONTINUED_AS_NEW
+    p0.complete_orch(parent, token, [complete(2, status, '"first"')])
+    deliver(p0, p1)
+    assert p0.status(parent) == TERMINATED
+    assert _told(p1, child) == ['"first"']
