@@ -73,7 +73,7 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         # turn's actions are applied.
         _append_history(ctx, instance_id, record, delivered)
         reason = terminations[0].input.value if terminations[0].HasField("input") else None
-        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None)
+        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None, cascade_queued=False)
         ctx.save(instance_id, record)
         ctx.reply(cmd)
         return
@@ -91,24 +91,24 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     # A terminate delivered with this work item ends the instance even if the orchestrator continued as new
     # on an earlier event of the batch (the SDK ignores a terminate once it has completed): it was accepted.
     continued = out.complete is not None and out.complete.orchestrationStatus == ev.CONTINUED_AS_NEW
-    # A recursive terminate this turn delivered reaches the children below; one still queued behind it is moot
-    # (it came after the first), so the end does not cascade that one too.
-    recursive = [t for t in terminations if t.recurse]
+    # The first terminate this turn delivered is the one that ends the instance: if it is recursive, it reaches the
+    # children below. One still queued behind it is moot (it came for an instance already ended), so the end does
+    # not cascade that one.
     if failure is not None:
         # The response's actions were not applied (or not all of them kept): the unlocks it carried among them,
         # finish_execution sends itself.
         finish_execution(ctx, instance_id, record, ev.FAILED, None, ev.failure_details(*failure))
     elif out.complete is not None and not (terminate_requested and continued):
-        _complete(ctx, out, cascade_queued=not recursive)
+        _complete(ctx, out, cascade_queued=not terminations)
     elif terminate_requested:
         reason = terminations[0].input.value if terminations[0].HasField("input") else None
-        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None, cascade_queued=not recursive)
+        finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None, cascade_queued=False)
     else:
         _requeue_if_pending(ctx, instance_id, record)
-    if record["s"] == ev.TERMINATED and recursive:
+    if record["s"] == ev.TERMINATED and terminations and terminations[0].recurse:
         # A recursive terminate reaches the children when the instance takes it (not when it is asked for: a turn
         # in flight then may complete the instance first, and the children stay as they are).
-        reason = recursive[0].input.value if recursive[0].HasField("input") else None
+        reason = terminations[0].input.value if terminations[0].HasField("input") else None
         terminate_children(ctx, instance_id, record, reason, [])
     ctx.save(instance_id, record)
     ctx.reply(cmd)
@@ -205,8 +205,8 @@ def finish_execution(
     cascade_queued: bool = True,
 ) -> None:
     """End the execution: executionCompleted, the outcome, pending events dropped, the parent told. Ended by a
-    terminate, it counts a recursive terminate still queued as taken (`cascade_queued`; not when the turn that
-    ends it delivered one: that one cascades, and came first)."""
+    terminate, it counts the first terminate still queued as taken (`cascade_queued`; not when the turn that
+    ends it delivered one, which came first) and cascades it if it is recursive."""
     completed = pb.ExecutionCompletedEvent(orchestrationStatus=status, result=ev.string_value(result))
     if failure:
         completed.failureDetails.ParseFromString(failure)
@@ -308,11 +308,12 @@ def _requeue_if_pending(ctx: Ctx, instance_id: str, record: Record) -> None:
 
 
 def _cascade_queued_terminate(ctx: Ctx, instance_id: str, record: Record, queued: list[pb.HistoryEvent]) -> None:
-    """A recursive terminate among `queued` (events that were waiting for the instance's next turn) reaches the
-    children with its reason: the instance's end or replacement takes it without a turn that would."""
-    recursive = [e.executionTerminated for e in queued if e.HasField("executionTerminated") and e.executionTerminated.recurse]
-    if recursive:
-        reason = recursive[0].input.value if recursive[0].HasField("input") else None
+    """The first terminate among `queued` (events that were waiting for the instance's next turn), if recursive,
+    reaches the children with its reason: the instance's end or replacement takes it without a turn that would.
+    Any later one came for an instance the first had ended."""
+    first = next((e.executionTerminated for e in queued if e.HasField("executionTerminated")), None)
+    if first is not None and first.recurse:
+        reason = first.input.value if first.HasField("input") else None
         terminate_children(ctx, instance_id, record, reason, [])
 
 

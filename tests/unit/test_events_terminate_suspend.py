@@ -443,3 +443,33 @@ def test_a_second_recursive_terminate_queued_behind_the_one_a_turn_delivers_does
     deliver(p0, p1)
     assert p0.status(parent) == TERMINATED
     assert _told(p1, child) == ['"first"']
+
+
+@pytest.mark.parametrize("how", ["delivered first, recursive one queued", "both delivered",
+                                 "both left over at a continue-as-new"])
+def test_a_recursive_terminate_behind_a_plain_one_does_not_reach_the_children(pair, how):
+    """The first terminate ends the parent; one that comes after is for an instance already ended and changes
+    nothing, so a plain terminate followed by a recursive one leaves the children running."""
+    p0, p1 = pair
+    parent, child = _parent_with_a_running_child(pair)
+    plain = {"op": "terminate", "i": parent, "out": '"first"'}
+    recursive = {"op": "terminate", "i": parent, "out": '"second"', "r": True}
+    if how == "both left over at a continue-as-new":
+        p0.request({"op": "raise", "i": parent, "n": "go"})
+        token, _ = p0.dispatch_one(parent)
+        p0.request(plain)
+        p0.request(recursive)
+        p0.complete_orch(parent, token, [complete(2, CONTINUED_AS_NEW, '"next"')])
+        token, _ = p0.dispatch_one(parent)  # the new execution's first turn carries both
+        p0.complete_orch(parent, token, [complete(1, COMPLETED, '"ran"')])
+    else:
+        p0.request(plain)
+        if how == "both delivered":
+            p0.request(recursive)
+        token, _ = p0.dispatch_one(parent)
+        if how != "both delivered":
+            p0.request(recursive)
+        p0.complete_orch(parent, token, [complete(2, TERMINATED, '"first"')])
+    deliver(p0, p1)
+    assert p0.status(parent) == TERMINATED and p0.record(parent)["out"] == '"first"'
+    assert _told(p1, child) == []
