@@ -17,6 +17,7 @@ from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.start_instance import create_instance
 from partitions.store.keys import TIMER_ENTITY_RELEASE, TIMER_ENTITY_SIGNAL
+from partitions.store.lmdb_store import StoreTxn
 from protos import orchestrator_service_pb2 as pb
 from runtime.errors import StaleCompletionError
 
@@ -408,6 +409,12 @@ def _asked_for_by_current_execution(record: Record, section: str) -> bool:
     return True
 
 
+def execution_events(txn: StoreTxn, instance_id: str) -> list[pb.HistoryEvent]:
+    """The current execution's history, then what waits in its inbox."""
+    events = [pb.HistoryEvent.FromString(raw) for raw in txn.history(instance_id)]
+    return events + [pb.HistoryEvent.FromString(raw) for _, raw in txn.inbox(instance_id)]
+
+
 def lock_sections(events: list[pb.HistoryEvent]) -> tuple[list[str], bool]:
     """From an execution's history and inbox: the sections it asked for and has not been granted ("lr"), and
     whether it asked for any ("lh")."""
@@ -457,8 +464,7 @@ def release_held_locks(ctx: Ctx, instance_id: str, record: Record) -> None:
     nothing there."""
     if record.get("lh", 1) == 0:
         return  # this execution never asked for a lock (a record that does not say is read through)
-    events = [pb.HistoryEvent.FromString(raw) for raw in ctx.txn.history(instance_id)]
-    events += [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
+    events = execution_events(ctx.txn, instance_id)
     requested = {e.entityLockRequested.criticalSectionId: e.entityLockRequested.lockSet
                  for e in events if e.HasField("entityLockRequested")}
     granted = {e.entityLockGranted.criticalSectionId for e in events if e.HasField("entityLockGranted")}

@@ -126,6 +126,12 @@ def timer_index_key(fire_ms: int, kind: int, instance_id: str, timer_id: int) ->
     return instance_prefix(instance_id) + _U64.pack(fire_ms) + bytes((kind,)) + _I32.pack(timer_id)
 
 
+def index_key_of_timer(key: bytes) -> bytes | None:
+    """The index row of a timer row, or None for a kind that is not an orchestration's (not indexed)."""
+    fire_ms, kind, instance_id, timer_id = parse_timer_key(key)
+    return timer_index_key(fire_ms, kind, instance_id, timer_id) if kind in INSTANCE_TIMER_KINDS else None
+
+
 def timer_key_of_index(index_key: bytes, instance_id: str) -> bytes:
     """The timer row an index row of `instance_id` stands for."""
     suffix = index_key[len(instance_prefix(instance_id)):]

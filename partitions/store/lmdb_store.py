@@ -210,9 +210,11 @@ class StoreTxn:
     def put_timer(
         self, fire_ms: int, instance_id: str, timer_id: int, record: dict[str, Any], kind: int = keys.TIMER_ORCHESTRATION
     ) -> None:
-        self.txn.put(keys.timer_key(fire_ms, kind, instance_id, timer_id), pack(record), db=self._timers)
-        if kind in keys.INSTANCE_TIMER_KINDS:
-            self.txn.put(keys.timer_index_key(fire_ms, kind, instance_id, timer_id), b"", db=self._timer_idx)
+        key = keys.timer_key(fire_ms, kind, instance_id, timer_id)
+        self.txn.put(key, pack(record), db=self._timers)
+        index_key = keys.index_key_of_timer(key)
+        if index_key is not None:
+            self.txn.put(index_key, b"", db=self._timer_idx)
 
     def due_timers(self, now_ms: int, limit: int) -> list[tuple[bytes, int, int, str, int, dict[str, Any]]]:
         """(key, fire_ms, kind, instance id, timer id, row) of timers due at `now_ms`, earliest first."""
@@ -230,9 +232,9 @@ class StoreTxn:
 
     def delete_timer_key(self, key: bytes) -> None:
         self.txn.delete(key, db=self._timers)
-        fire_ms, kind, instance_id, timer_id = keys.parse_timer_key(key)
-        if kind in keys.INSTANCE_TIMER_KINDS:
-            self.txn.delete(keys.timer_index_key(fire_ms, kind, instance_id, timer_id), db=self._timer_idx)
+        index_key = keys.index_key_of_timer(key)
+        if index_key is not None:
+            self.txn.delete(index_key, db=self._timer_idx)
 
     def delete_instance_timers(self, instance_id: str) -> None:
         """Every timer of the instance's orchestration kinds, due or not. (Rows written before the index was kept
@@ -249,9 +251,9 @@ class StoreTxn:
         self.txn.drop(self._timer_idx, delete=False)
         count = 0
         for key, _ in self._items_from(self._timers, b""):
-            fire_ms, kind, instance_id, timer_id = keys.parse_timer_key(key)
-            if kind in keys.INSTANCE_TIMER_KINDS:
-                self.txn.put(keys.timer_index_key(fire_ms, kind, instance_id, timer_id), b"", db=self._timer_idx)
+            index_key = keys.index_key_of_timer(key)
+            if index_key is not None:
+                self.txn.put(index_key, b"", db=self._timer_idx)
                 count += 1
         return count
 

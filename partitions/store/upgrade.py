@@ -21,7 +21,6 @@ import logging
 from partitions.state_machine import events as ev
 from partitions.store import keys
 from partitions.store.lmdb_store import StoreTxn
-from protos import orchestrator_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,14 @@ def _list_lock_sections(txn: StoreTxn) -> int:
     """Each unfinished orchestration's lock sections, from its history: an earlier version may not have listed
     them, or listed a later one's. (Dropping the list instead would hand a replaced execution's grant to the
     new one; a stale one would refuse the grant the execution waits for.)"""
-    from partitions.state_machine.entities import lock_sections  # the store does not import the core at load
+    from partitions.state_machine.entities import execution_events, lock_sections  # (the core, at call time)
 
     changed: list[tuple[str, dict]] = []  # written after the walk over the table; only these are kept
     for instance_id, record in txn.scan_instances():
         if record.get("s") in ev.TERMINAL:
             continue
         try:
-            events = [pb.HistoryEvent.FromString(raw) for raw in txn.history(instance_id)]
-            events += [pb.HistoryEvent.FromString(raw) for _, raw in txn.inbox(instance_id)]
+            events = execution_events(txn, instance_id)
         except Exception as exc:  # a corrupt row: that instance fails when it is next read, not the partition now
             log.error("%s: cannot read its history to list its lock requests (%s); left as it is", instance_id, exc)
             continue

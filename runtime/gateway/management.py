@@ -193,8 +193,8 @@ class Management:
 
     async def _finished_tree(self, instance_id: str, parent: str | None, timeout: float, depth: int) -> Any:
         """(id, parent, [subtrees]) if the instance and all its descendants have finished; _RUNS_ITSELF or
-        _STILL_RUNNING if one has not; None if the instance is gone (or is not `parent`'s child: a child list can name an id whose
-        start failed because another instance had it)."""
+        _STILL_RUNNING if one has not; None if the instance is gone (or is not `parent`'s child: a child list
+        can name an id whose start failed because another instance had it)."""
         of_parent = {} if parent is None else {"pp": parent}
         info = await self.client.request(self.client.partition_of(instance_id),
                                          {"op": "get_children", "i": instance_id, **of_parent}, timeout)
