@@ -21,6 +21,17 @@ def _reopen(config: Config) -> LmdbStore:
     return store
 
 
+def _at_the_next_start(config: Config, read):
+    """Start the partition's store again (bringing it up to date if need be), and `read(txn)` from it."""
+    store = _reopen(config)
+    txn = store.begin()
+    try:
+        return read(txn)
+    finally:
+        txn.abort()
+        store.close()
+
+
 def _as_an_earlier_version_would(store: LmdbStore, *, timers: bool = True, records: dict | None = None) -> None:
     """Another version starts (the epoch moves on without this version's mark) and writes what it writes: timer
     rows with no index, and records whose counts it does not keep."""
@@ -67,22 +78,14 @@ def test_counts_an_earlier_version_left_stale_are_dropped_at_the_next_start(tmp_
     _as_an_earlier_version_would(store, timers=False, records={"@counter@f": stale})
     store.close()
 
-    store = _reopen(config)
-    txn = store.begin()
-    record = txn.get_entity("@counter@f")
-    txn.abort()
+    record = _at_the_next_start(config, lambda txn: txn.get_entity("@counter@f"))
     assert not {"lq", "oq", "uq"} & set(record) and record["lk"] == "cs-1"
-    store.close()
     store = _reopen(config)  # this version's own restarts keep them
     txn = store.begin(write=True)
     txn.put_entity("@counter@f", {**record, "oq": 1, "uq": False})
     txn.commit()
     store.close()
-    store = _reopen(config)
-    txn = store.begin()
-    assert txn.get_entity("@counter@f")["oq"] == 1
-    txn.abort()
-    store.close()
+    assert _at_the_next_start(config, lambda txn: txn.get_entity("@counter@f"))["oq"] == 1
 
 
 def test_a_terminate_an_earlier_version_queued_before_the_first_turn_wins_over_that_turn(core):
@@ -128,12 +131,9 @@ def test_lock_sections_an_earlier_version_did_not_list_are_listed_from_history(t
     _as_an_earlier_version_would(store, timers=False)
     store.close()
 
-    store = _reopen(config)
-    txn = store.begin()
-    assert [(txn.get_instance(i)["lr"], txn.get_instance(i)["lh"]) for i in ("h", "o", "p")] == [
-        ([], 1), (["cs-o"], 1), ([], 0)]
-    txn.abort()
-    store.close()
+    listed = _at_the_next_start(config, lambda txn: [(txn.get_instance(i)["lr"], txn.get_instance(i)["lh"])
+                                                     for i in ("h", "o", "p")])
+    assert listed == [([], 1), (["cs-o"], 1), ([], 0)]
 
 
 def test_a_store_larger_than_its_configured_map_is_brought_up_to_date(tmp_path):
@@ -152,11 +152,7 @@ def test_a_store_larger_than_its_configured_map_is_brought_up_to_date(tmp_path):
     _as_an_earlier_version_would(store, timers=False)
     store.close()
 
-    store = _reopen(config)
-    txn = store.begin()
-    assert txn.get_instance("i-02999")["lh"] == 0
-    txn.abort()
-    store.close()
+    assert _at_the_next_start(config, lambda txn: txn.get_instance("i-02999"))["lh"] == 0
 
 
 def test_a_history_that_cannot_be_read_does_not_stop_the_partition_from_starting(tmp_path):
@@ -172,8 +168,5 @@ def test_a_history_that_cannot_be_read_does_not_stop_the_partition_from_starting
     _as_an_earlier_version_would(store, timers=False)
     store.close()
 
-    store = _reopen(config)
-    txn = store.begin()
-    assert "lh" not in txn.get_instance("bad") and txn.get_instance("good")["lh"] == 0
-    txn.abort()
-    store.close()
+    bad, good = _at_the_next_start(config, lambda txn: (txn.get_instance("bad"), txn.get_instance("good")))
+    assert "lh" not in bad and good["lh"] == 0
