@@ -27,14 +27,23 @@ def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
     Recursive purge is driven by the gateway (children first, then the parent), so the count it
     reports is the real one; purging is idempotent, so a retried request does no harm.
+
+    In a recursive purge, "seen" lists the children the gateway's walk found. An instance that runs again
+    since (rewound, restarted) or has a child the walk did not see is kept, and the reply says so: purging it
+    would leave that child where no recursive purge reaches it.
     """
     instance_id = cmd["i"]
     record = _of_parent(ctx.load(instance_id), cmd.get("pp"))
-    deleted = 0
-    if record is not None and record["s"] in ev.TERMINAL:
-        remove_instance(ctx, instance_id, record)
-        deleted = 1
-    ctx.reply(cmd, {"deleted": deleted})
+    if record is None:
+        ctx.reply(cmd, {"deleted": 0})
+        return
+    seen = cmd.get("seen")
+    changed = seen is not None and (record["s"] not in ev.TERMINAL or not set(record.get("ch") or ()) <= set(seen))
+    if changed or record["s"] not in ev.TERMINAL:
+        ctx.reply(cmd, {"deleted": 0, "kept": 1} if changed else {"deleted": 0})
+        return
+    remove_instance(ctx, instance_id, record)
+    ctx.reply(cmd, {"deleted": 1})
 
 
 def apply_get_children(ctx: Ctx, cmd: dict[str, Any]) -> None:

@@ -181,15 +181,20 @@ class Management:
         and purging the parent would leave that child where no recursive purge can reach it. Such a tree is left
         as it is, and the purge is reported not whole (isComplete=false). A running instance named itself
         counts as not deleted, as without `recursive`.
+
+        The walk and the purge are not one instant: an instance in the tree may be rewound or restarted in
+        between. Each purge therefore names the children the walk saw, and a partition keeps an instance that
+        runs again or has a child the walk did not see; its ancestors are then kept too, so nothing is left
+        unreachable, and the purge is reported not whole.
         """
         if not recursive:
-            return await self._purge_one(instance_id, parent, timeout), True
+            return (await self._purge_one(instance_id, parent, None, timeout))[0], True
         tree = await self._finished_tree(instance_id, parent, timeout, 0)
         if tree is None or tree is _RUNS_ITSELF:
             return 0, True
         if tree is _STILL_RUNNING:
             return 0, False
-        return await self._purge_tree(tree, timeout), True
+        return await self._purge_tree(tree, timeout)
 
     async def _finished_tree(self, instance_id: str, parent: str | None, timeout: float, depth: int) -> Any:
         """(id, parent, [subtrees]) if the instance and all its descendants have finished; _RUNS_ITSELF or
@@ -202,22 +207,34 @@ class Management:
             return None
         if info["s"] not in TERMINAL_STATUSES:
             return _RUNS_ITSELF if depth == 0 else _STILL_RUNNING
-        children = info["ch"] if depth < _MAX_PURGE_DEPTH else []
+        children = info["ch"] if depth < _MAX_PURGE_DEPTH else []  # deeper ones are left: that bounds the walk
         subtrees = await _each(children, lambda c: self._finished_tree(c, instance_id, timeout, depth + 1))
         if any(subtree is _STILL_RUNNING for subtree in subtrees):
             return _STILL_RUNNING
-        return instance_id, parent, [subtree for subtree in subtrees if subtree is not None]
+        return instance_id, parent, info["ch"], [subtree for subtree in subtrees if subtree is not None]
 
-    async def _purge_tree(self, tree: Any, timeout: float) -> int:
-        instance_id, parent, subtrees = tree
-        counts = await _each(subtrees, lambda subtree: self._purge_tree(subtree, timeout))
-        return sum(counts) + await self._purge_one(instance_id, parent, timeout)
+    async def _purge_tree(self, tree: Any, timeout: float) -> tuple[int, bool]:
+        """(instances deleted, whether the whole tree went). An instance is purged only after all of its
+        subtrees went."""
+        instance_id, parent, children, subtrees = tree
+        outcomes = await _each(subtrees, lambda subtree: self._purge_tree(subtree, timeout))
+        deleted = sum(count for count, _ in outcomes)
+        if not all(whole for _, whole in outcomes):
+            return deleted, False
+        count, kept = await self._purge_one(instance_id, parent, children, timeout)
+        return deleted + count, not kept
 
-    async def _purge_one(self, instance_id: str, parent: str | None, timeout: float) -> int:
-        of_parent = {} if parent is None else {"pp": parent}
-        result = await self.client.request(self.client.partition_of(instance_id),
-                                           {"op": "purge", "i": instance_id, **of_parent}, timeout)
-        return result["deleted"]
+    async def _purge_one(
+        self, instance_id: str, parent: str | None, children: list[str] | None, timeout: float
+    ) -> tuple[int, bool]:
+        """(1 if deleted else 0, whether the instance was kept because it changed since the walk saw it)."""
+        command: dict[str, Any] = {"op": "purge", "i": instance_id}
+        if parent is not None:
+            command["pp"] = parent
+        if children is not None:
+            command["seen"] = children
+        result = await self.client.request(self.client.partition_of(instance_id), command, timeout)
+        return result["deleted"], bool(result.get("kept"))
 
     async def _purge_by_filter(self, flt: pb.PurgeInstanceFilter, recursive: bool, timeout: float) -> pb.PurgeInstancesResponse:
         """Bounded batches on every partition until done, or until the filter's timeout (isComplete=false).

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from protos import orchestrator_service_pb2 as pb
+from runtime.config import Config
+from runtime.gateway.management import Management
 from tests.unit.conftest import (
     COMPLETED,
     FAILED,
+    RUNNING,
     TERMINATED,
+    Core,
     complete,
     create_sub,
     id_on,
@@ -132,3 +141,78 @@ def test_a_recursive_purge_only_reaches_children_their_parent_started(pair):
     assert p0.record(stranger) is not None
     assert _result(p0.request({"op": "get_children", "i": child, "pp": parent})) == {"s": COMPLETED, "ch": []}
     assert _result(p0.request({"op": "purge", "i": child, "pp": parent})) == {"deleted": 1}
+
+
+def _failed_parent_with_failed_child(core):
+    core.start("parent")
+    core.run_first("parent", [create_sub(1, "C")])
+    core.complete_orch("parent:0001", core.dispatch_tokens()["parent:0001"], [complete(0, FAILED)])
+    core.run_first("parent", [complete(0, FAILED)])
+    assert (core.status("parent"), core.status("parent:0001")) == (FAILED, FAILED)
+
+
+def test_a_recursive_purge_keeps_an_instance_that_runs_again_since_the_walk(core):
+    """The gateway's walk saw the tree finished; a rewind came before the purge reached the child."""
+    _failed_parent_with_failed_child(core)
+    core.request({"op": "rewind", "i": "parent:0001"})
+
+    purge = {"op": "purge", "i": "parent:0001", "pp": "parent", "seen": []}
+
+    assert _result(core.request(purge)) == {"deleted": 0, "kept": 1}
+    assert core.status("parent:0001") == RUNNING
+
+
+def test_a_recursive_purge_keeps_an_instance_with_a_child_the_walk_did_not_see(core):
+    _failed_parent_with_failed_child(core)
+
+    assert _result(core.request({"op": "purge", "i": "parent", "seen": []})) == {"deleted": 0, "kept": 1}
+    assert core.record("parent") is not None
+    assert _result(core.request({"op": "purge", "i": "parent", "seen": ["parent:0001"]})) == {"deleted": 1}
+    assert core.record("parent") is None
+
+
+class InProcessPartitions:
+    """The gateway's partition client, over one partition's core in this process: the same commands and
+    replies as over ZeroMQ. `before(command)` runs just before each command is applied."""
+
+    def __init__(self, core: Core, before: Callable[[dict[str, Any]], None] = lambda command: None) -> None:
+        self.core = core
+        self.before = before
+
+    def partition_of(self, instance_id: str) -> int:
+        return 0
+
+    async def request(self, partition: int, message: dict[str, Any], timeout_s: float) -> Any:
+        self.before(message)
+        [reply] = replies(self.core.request(message))
+        return reply.result
+
+
+def _purge_recursively(core: Core, tmp_path, before=lambda command: None) -> pb.PurgeInstancesResponse:
+    management = Management(Config(data_dir=str(tmp_path / "data"), partitions=1), InProcessPartitions(core, before))
+    request = pb.PurgeInstancesRequest(instanceId="parent", recursive=True)
+    return asyncio.run(management.purge(request, timeout=10.0))
+
+
+def test_the_gateway_purges_a_finished_tree_whole(core, tmp_path):
+    _failed_parent_with_failed_child(core)
+
+    response = _purge_recursively(core, tmp_path)
+
+    assert (response.deletedInstanceCount, response.isComplete.value) == (2, True)
+    assert core.record("parent") is None and core.record("parent:0001") is None
+
+
+def test_a_child_rewound_between_the_walk_and_its_purge_keeps_its_parent(core, tmp_path):
+    """Purging the parent would leave the running child where no recursive purge reaches it."""
+    _failed_parent_with_failed_child(core)
+
+    def rewind_the_child_first(command: dict[str, Any]) -> None:
+        if command["op"] == "purge" and command["i"] == "parent:0001":
+            core.request({"op": "rewind", "i": "parent:0001"})
+
+    response = _purge_recursively(core, tmp_path, rewind_the_child_first)
+
+    assert (response.deletedInstanceCount, response.isComplete.value) == (0, False)
+    assert core.status("parent") == FAILED
+    assert core.status("parent:0001") == RUNNING
