@@ -430,6 +430,15 @@ def lock_requested(record: Record, section: str) -> None:
     record["lh"] = 1
 
 
+def request_lock(ctx: Ctx, instance_id: str, record: Record, request: pb.EntityLockRequestedEvent) -> None:
+    """Ask, on behalf of `instance_id`'s execution, for the section's locks, from the first entity of its set."""
+    if not 0 <= request.position < len(request.lockSet):
+        return
+    lock_requested(record, request.criticalSectionId)
+    event = ev.history_event(ctx.now_ms, entityLockRequested=request).SerializeToString()
+    ctx.send_to_instance(request.lockSet[request.position], {"op": "entity_msg", "ev": event, "at": 0})
+
+
 def apply_release_lock(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """CleanEntityStorage: a lock whose owner no longer runs is released (if it is still that lock: the same
     critical section, since the owner's id may have started again and taken the entity anew meanwhile)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import WAKES_SUSPENDED, Ctx, Record, is_child_of, wake_of
+from partitions.state_machine.entities import request_lock
 from partitions.state_machine.orchestrator_actions import activity_row
 from partitions.state_machine.start_instance import create_instance
 from protos import orchestrator_service_pb2 as pb
@@ -80,6 +81,7 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
     scheduled: dict[int, pb.TaskScheduledEvent] = {}  # activities the new history still waits for
     answered: set[int] = set()
     timers: dict[int, Any] = {}  # timerCreated id -> fireAt, while no timerFired answers it
+    lock_requests: dict[str, pb.EntityLockRequestedEvent] = {}  # critical sections the history waits to be granted
     for event in history:
         which = event.WhichOneof("eventType")
         if which == "executionStarted":
@@ -98,6 +100,10 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
             timers[event.eventId] = event.timerCreated.fireAt
         elif which == "timerFired":
             timers.pop(event.timerFired.timerId, None)
+        elif which == "entityLockRequested":
+            lock_requests[event.entityLockRequested.criticalSectionId] = event.entityLockRequested
+        elif which == "entityLockGranted":
+            lock_requests.pop(event.entityLockGranted.criticalSectionId, None)
     record["rw"] = 0
     record["kick"] = 1  # dispatch once with no new events: the replay re-issues the removed work
     if record["s"] != ev.SUSPENDED:  # a suspend that came while the rewind was out holds it until resumed
@@ -113,6 +119,7 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
         # still there has the same key: writing it again changes nothing.)
         fire_ms, row = ev.timer_row(record["x"], fire_at)
         ctx.schedule_timer(fire_ms, instance_id, timer_id, row)
+    _ask_for_locks_again(ctx, instance_id, record, lock_requests)
     for task_id, child in created.items():
         if task_id in finished:
             continue
@@ -144,3 +151,16 @@ def _carry_activities(
     for task_id, task in waited_for.items():
         if task_id not in queued:
             ctx.queue_activity(activity_row(instance_id, record["x"], task_id, task))
+
+
+def _ask_for_locks_again(
+    ctx: Ctx, instance_id: str, record: Record, waited_for: dict[str, pb.EntityLockRequestedEvent]
+) -> None:
+    """The replay waits for the grant of each section in `waited_for`. One still listed as asked for ("lr") comes
+    to the rewound execution; one that came while the instance was FAILED was released then, so it is asked for
+    again, or the rewound orchestration would wait for it for ever."""
+    still_coming = set(record.get("lr") or ())
+    record["lr"] = [section for section in record.get("lr") or () if section in waited_for]
+    for section, request in waited_for.items():
+        if section not in still_coming:
+            request_lock(ctx, instance_id, record, request)

@@ -16,6 +16,7 @@ from tests.unit.conftest import (
     id_on,
     kinds,
     schedule_task,
+    sv,
 )
 
 BOOM = pb.TaskFailureDetails(errorType="E", errorMessage="boom")
@@ -137,3 +138,68 @@ def test_a_child_still_running_across_a_rewind_reports_to_the_new_execution(pair
     p1.run_first(child, [complete(0, COMPLETED, '"late"')])
     deliver(p1, p0)
     assert any(e.HasField("subOrchestrationInstanceCompleted") for e in p0.inbox(parent))
+
+
+ENTITY = "@counter@one"
+
+
+def _lock(owner: str, section: str, action_id: int = 1) -> pb.OrchestratorAction:
+    lock = pb.EntityLockRequestedEvent(criticalSectionId=section, lockSet=[ENTITY], position=0,
+                                       parentInstanceId=sv(owner))
+    return pb.OrchestratorAction(id=action_id, sendEntityMessage=pb.SendEntityMessageAction(entityLockRequested=lock))
+
+
+def _unlock(owner: str, section: str, action_id: int) -> pb.OrchestratorAction:
+    sent = pb.EntityUnlockSentEvent(criticalSectionId=section, parentInstanceId=sv(owner),
+                                    targetInstanceId=sv(ENTITY))
+    return pb.OrchestratorAction(id=action_id, sendEntityMessage=pb.SendEntityMessageAction(entityUnlockSent=sent))
+
+
+def _locked_by(core) -> str | None:
+    with core.read() as txn:
+        record = txn.get_entity(ENTITY)
+    return None if record is None else record["lo"]
+
+
+def test_a_lock_granted_while_the_instance_was_failed_is_asked_for_again_by_the_rewound_one(core):
+    """'a' asked for the entity, which another section held, and failed before the grant came; the grant found
+    it FAILED and was released. The rewound replay waits for that grant: without a new request, for ever."""
+    core.start("holder")
+    core.run_first("holder", [_lock("holder", "cs-0")])
+    holder_token, _ = core.dispatch_one("holder")  # its grant
+    assert _locked_by(core) == "holder"
+    core.start("a")
+    core.run_first("a", [_lock("a", "cs-1"), schedule_task(2, "Flaky")])
+    [(flaky, _)] = core.dispatch_act()
+    core.complete_act("a", 2, flaky, failure=BOOM)
+    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+    core.complete_orch("holder", holder_token, [_unlock("holder", "cs-0", 2), complete(3, COMPLETED)])
+    assert _locked_by(core) is None  # granted to the failed 'a', and released
+
+    rewind(core, "a", "x-rewound")
+
+    assert _locked_by(core) == "a"
+    _, request = core.dispatch_one("a")
+    granted = [e.entityLockGranted.criticalSectionId for e in request.newEvents if e.HasField("entityLockGranted")]
+    assert granted == ["cs-1"]
+
+
+def test_a_grant_still_on_its_way_goes_to_the_rewound_instance_without_a_second_request(core):
+    core.start("holder")
+    core.run_first("holder", [_lock("holder", "cs-0")])
+    holder_token, _ = core.dispatch_one("holder")
+    core.start("a")
+    core.run_first("a", [_lock("a", "cs-1"), schedule_task(2, "Flaky")])
+    [(flaky, _)] = core.dispatch_act()
+    core.complete_act("a", 2, flaky, failure=BOOM)
+    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+
+    rewind(core, "a", "x-rewound")
+    core.complete_orch("holder", holder_token, [_unlock("holder", "cs-0", 2), complete(3, COMPLETED)])
+
+    assert _locked_by(core) == "a"
+    _, request = core.dispatch_one("a")
+    assert [e.entityLockGranted.criticalSectionId for e in request.newEvents if e.HasField("entityLockGranted")] == ["cs-1"]
+    with core.read() as txn:
+        queued = [pb.HistoryEvent.FromString(raw) for _, raw in txn.inbox(ENTITY)]
+    assert not [e for e in queued if e.HasField("entityLockRequested")]  # asked for once only
