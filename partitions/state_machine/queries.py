@@ -32,11 +32,12 @@ def apply_get_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_wait(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """Answer now if the condition holds (or the instance does not exist); otherwise park a waiter."""
+    """Answer now if the condition holds; otherwise park a waiter, also for an instance that does not exist yet:
+    a client may wait for an instance another one is about to start. The caller's deadline ends the wait."""
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
-    if record is None or condition_met(cmd["k"], record["s"]):
-        ctx.reply(cmd, None if record is None else instance_state(instance_id, record, bool(cmd.get("pl"))))
+    if record is not None and condition_met(cmd["k"], record["s"]):
+        ctx.reply(cmd, instance_state(instance_id, record, bool(cmd.get("pl"))))
         return
     waiter = Waiter(cmd["_from"], cmd["rid"], cmd["k"], int(cmd.get("dl", 0)), bool(cmd.get("pl")))
     waiters = ctx.state.waiters.setdefault(instance_id, [])

@@ -151,6 +151,25 @@ def test_wait_for_orchestration_start(client):
     finish(client, iid)
 
 
+@pytest.mark.engine_only  # the in-memory backend answers exists=false at its deadline, racing the caller's
+def test_a_wait_for_an_instance_that_does_not_exist_waits_for_its_deadline(client):
+    with pytest.raises(TimeoutError):
+        client.wait_for_orchestration_start(new_id("missing"), timeout=1)
+
+
+def test_a_wait_sent_before_its_instance_is_started_returns_the_finished_instance(client):
+    """One client waits for the instance another one is about to start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    iid = new_id()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waited = pool.submit(client.wait_for_orchestration_completion, iid, timeout=DEADLINE_S)
+        client.schedule_new_orchestration(add_one, input=1, instance_id=iid)
+        state = waited.result(timeout=DEADLINE_S + 5)
+    assert state is not None and state.runtime_status == OrchestrationStatus.COMPLETED
+    assert state.serialized_output == "2"
+
+
 def test_wait_for_completion_times_out(client):
     iid = client.schedule_new_orchestration(wait_for_go, instance_id=new_id())
     with pytest.raises(TimeoutError):

@@ -90,11 +90,17 @@ def test_wait_done_on_a_completed_instance_replies_at_once_with_output(core):
     assert "a" not in core.state.waiters
 
 
-def test_wait_on_an_unknown_instance_replies_none(core):
-    for kind in ("start", "done"):
-        [reply] = replies(_wait(core, "nobody", kind))
-        assert reply.result is None
-    assert core.state.waiters == {}
+def test_a_wait_on_an_instance_not_started_yet_parks_until_it_starts(core):
+    """The waits block until their condition or the caller's deadline, whether or not the instance exists yet:
+    a client may wait for an instance that another client (or an orchestration) is about to start."""
+    assert not replies(_wait(core, "later", "start"))
+    assert not replies(_wait(core, "later", "done"))
+    assert [w.kind for w in core.state.waiters["later"]] == ["start", "done"]
+
+    core.start("later")
+
+    assert act.StatusChanged("later") in core.run_first("later", [])  # the process answers the waiters after commit
+    assert condition_met("start", core.status("later"))
 
 
 def test_status_changes_only_when_the_status_does(core):
