@@ -305,9 +305,10 @@ class Management:
     async def skip_graceful_terminations(
         self, request: pb.SkipGracefulOrchestrationTerminationsRequest, timeout: float
     ) -> pb.SkipGracefulOrchestrationTerminationsResponse:
-        """Terminate each instance at once, without waiting for a worker; report the ones left alone."""
+        """Terminate each instance at once, without waiting for a worker; report the ones left alone. An id named
+        twice is terminated once: its second copy would find it ended, by this very call."""
         reason = request.reason.value if request.HasField("reason") else None
-        ids = [translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds]
+        ids = list(dict.fromkeys(translate.check_instance_id(i, self.config) for i in request.instanceBatch.instanceIds))
         results = await _each(ids, lambda i: self.client.request(
             self.client.partition_of(i), {"op": "force_terminate", "i": i, "out": reason}, timeout))
         left = [i for i, result in zip(ids, results, strict=True) if not result["terminated"]]

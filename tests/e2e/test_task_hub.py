@@ -92,3 +92,15 @@ def test_skip_graceful_terminations_ends_instances_without_a_worker(client, raw_
     state = client.get_orchestration_state(running)
     assert state.runtime_status == OrchestrationStatus.TERMINATED
     assert state.get_output() == "maintenance"
+
+
+def test_skip_graceful_terminations_names_an_instance_once_however_often_it_is_listed(client, raw_stub):
+    running = client.schedule_new_orchestration(wait_forever, instance_id=new_id("skip-twice"))  # no worker here
+
+    response = raw_stub.SkipGracefulOrchestrationTerminations(
+        pb.SkipGracefulOrchestrationTerminationsRequest(instanceBatch=pb.InstanceBatch(instanceIds=[running, running])),
+        timeout=DEADLINE_S,
+    )
+
+    assert list(response.unterminatedInstanceIds) == []
+    assert client.get_orchestration_state(running).runtime_status == OrchestrationStatus.TERMINATED
