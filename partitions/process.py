@@ -458,7 +458,7 @@ class PartitionProcess:
             keep = []
             for waiter in waiters:
                 if record is None or condition_met(waiter.kind, record["s"]):
-                    state = None if record is None else instance_state(instance_id, record, waiter.with_payloads)
+                    state = None if record is None else instance_state(txn, instance_id, record, waiter.with_payloads)
                     self.channel.send({"op": "reply", "rid": waiter.request_id, "ok": state}, to=waiter.sender)
                 else:
                     keep.append(waiter)

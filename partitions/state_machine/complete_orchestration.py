@@ -8,6 +8,7 @@ from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record, wake_of
 from partitions.state_machine.entities import release_held_locks
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
+from partitions.state_machine.payloads import set_payload
 from partitions.state_machine.rewind import install_rewound_history
 from partitions.state_machine.start_instance import derive_execution_id
 from partitions.state_machine.state import Lease
@@ -80,7 +81,8 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     if record["s"] == ev.PENDING:
         ctx.set_status(instance_id, record, ev.RUNNING)
     # Every response carries the orchestrator's current custom status; none means it was cleared.
-    record["cs"] = response.customStatus.value if response.HasField("customStatus") else None
+    custom_status = response.customStatus.value if response.HasField("customStatus") else None
+    set_payload(ctx.txn, instance_id, record, "cs", custom_status)
 
     failure = _apply_actions(ctx, out, response)
     events = delivered + out.history
@@ -258,7 +260,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     record["hl"] = 0
     record["g"] = record.get("g", 0) + 1
     record["x"] = derive_execution_id(instance_id, ctx.now_ms, record["g"])
-    record["in"] = new_input
+    set_payload(ctx.txn, instance_id, record, "in", new_input)
     record["out"] = None
     record["hu"] = record["sst"] = 0
     if complete.HasField("newVersion"):
@@ -270,7 +272,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     carried = _in_step_with_suspension(ctx, record, carried)
     # What may wake the new execution through a hold is what it carries, not what woke the old one.
     record["wk"] = max([wake_of(raw) for raw in carried], default=0)
-    ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
+    ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record, new_input))
     for event in carried:
         ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), event)
 

@@ -35,8 +35,8 @@ def orchestrator_started(now_ms: int) -> bytes:
     return history_event(now_ms, orchestratorStarted=pb.OrchestratorStartedEvent()).SerializeToString()
 
 
-def execution_started(now_ms: int, instance_id: str, execution_id: str, record: dict) -> bytes:
-    """The executionStarted event of `record`'s current execution."""
+def execution_started(now_ms: int, instance_id: str, execution_id: str, record: dict, data: str | None) -> bytes:
+    """The executionStarted event of `record`'s current execution, whose input is `data`."""
     parent = record.get("p")
     parent_info = None
     if parent:
@@ -51,7 +51,7 @@ def execution_started(now_ms: int, instance_id: str, execution_id: str, record: 
     started = pb.ExecutionStartedEvent(
         name=record["n"],
         version=string_value(record.get("v")),
-        input=string_value(record.get("in")),
+        input=string_value(data),
         orchestrationInstance=pb.OrchestrationInstance(
             instanceId=instance_id, executionId=string_value(execution_id)
         ),

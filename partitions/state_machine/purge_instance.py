@@ -18,6 +18,7 @@ def remove_instance(ctx: Ctx, instance_id: str, record: Record) -> None:
     ctx.txn.delete_history(instance_id)
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_instance_timers(instance_id)
+    ctx.txn.delete_payloads(instance_id)
     ctx.txn.delete_instance(instance_id)
     ctx.txn.index_instance(instance_id, record.get("ix"), None)
 

@@ -6,18 +6,21 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.payloads import payload_of
 from partitions.state_machine.state import Waiter
+from partitions.store.lmdb_store import StoreTxn
 
-_STATE_FIELDS = ("n", "v", "s", "c", "u", "d", "cs", "fd", "x", "tg", "sst")
+_STATE_FIELDS = ("n", "v", "s", "c", "u", "d", "fd", "x", "tg", "sst")
 
 
-def instance_state(instance_id: str, record: Record, with_payloads: bool) -> dict[str, Any]:
+def instance_state(txn: StoreTxn, instance_id: str, record: Record, with_payloads: bool) -> dict[str, Any]:
     """The fields the gateway turns into an OrchestrationState."""
     state = {k: record.get(k) for k in _STATE_FIELDS}
     state["i"] = instance_id
     state["pi"] = record["p"][0] if record.get("p") else None
+    state["cs"] = payload_of(txn, instance_id, record, "cs")
     if with_payloads:
-        state["in"] = record.get("in")
+        state["in"] = payload_of(txn, instance_id, record, "in")
         state["out"] = record.get("out")
     return state
 
@@ -28,7 +31,7 @@ def condition_met(kind: str, status: int) -> bool:
 
 def apply_get_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
     record = ctx.load(cmd["i"])
-    ctx.reply(cmd, None if record is None else instance_state(cmd["i"], record, bool(cmd.get("pl"))))
+    ctx.reply(cmd, None if record is None else instance_state(ctx.txn, cmd["i"], record, bool(cmd.get("pl"))))
 
 
 def apply_wait(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -37,7 +40,7 @@ def apply_wait(ctx: Ctx, cmd: dict[str, Any]) -> None:
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
     if record is not None and condition_met(cmd["k"], record["s"]):
-        ctx.reply(cmd, instance_state(instance_id, record, bool(cmd.get("pl"))))
+        ctx.reply(cmd, instance_state(ctx.txn, instance_id, record, bool(cmd.get("pl"))))
         return
     waiter = Waiter(cmd["_from"], cmd["rid"], cmd["k"], int(cmd.get("dl", 0)), bool(cmd.get("pl")))
     waiters = ctx.state.waiters.setdefault(instance_id, [])

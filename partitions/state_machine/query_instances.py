@@ -66,7 +66,7 @@ def apply_query(ctx: Ctx, cmd: dict[str, Any]) -> None:
         record = ctx.load(instance_id)
         if record is None or (statuses and record["s"] not in statuses) or not start <= record["c"] < end:
             continue
-        page.append(instance_state(instance_id, record, bool(cmd.get("pl"))))
+        page.append(instance_state(ctx.txn, instance_id, record, bool(cmd.get("pl"))))
         if len(page) >= limit:
             break
     ctx.reply(cmd, page)

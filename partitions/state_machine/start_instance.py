@@ -7,6 +7,7 @@ from typing import Any
 
 from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
+from partitions.state_machine.payloads import payload_of, set_payload
 from partitions.state_machine.purge_instance import remove_instance
 from partitions.store.keys import SCHEDULED_START_TIMER_ID, TIMER_RELEASE
 from runtime.errors import InstanceAlreadyExistsError, InstanceNotCompletedError, InstanceNotFoundError
@@ -60,7 +61,8 @@ def apply_restart(ctx: Ctx, cmd: dict[str, Any]) -> None:
         raise InstanceNotFoundError(f"no orchestration instance with id '{instance_id}'")
     if existing["s"] not in ev.TERMINAL:
         raise InstanceNotCompletedError(f"instance '{instance_id}' is not in a terminal state; it cannot be restarted")
-    start = {"n": existing["n"], "v": existing.get("v"), "in": existing.get("in"), "tg": existing.get("tg") or {},
+    start = {"n": existing["n"], "v": existing.get("v"), "in": payload_of(ctx.txn, instance_id, existing, "in"),
+             "tg": existing.get("tg") or {},
              "x": cmd.get("x")}
     remove_instance(ctx, instance_id, existing)
     create_instance(ctx, instance_id, start, parent=None)
@@ -90,7 +92,6 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
         "v": cmd.get("v"),
         "s": ev.PENDING,
         "x": cmd.get("x") or derive_execution_id(instance_id, ctx.now_ms, 0),
-        "in": cmd.get("in"),
         "c": ctx.now_ms,
         "hu": scheduled_ms if scheduled_ms > ctx.now_ms else 0,  # dispatch held until (ms)
         "sst": scheduled_ms,  # the scheduled start the client asked for
@@ -105,7 +106,8 @@ def create_instance(ctx: Ctx, instance_id: str, cmd: dict[str, Any], parent: lis
     }
     if cmd.get("tc"):
         record["tc"] = cmd["tc"]
-    ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record))
+    set_payload(ctx.txn, instance_id, record, "in", cmd.get("in"))
+    ctx.enqueue_event(instance_id, record, ev.execution_started(ctx.now_ms, instance_id, record["x"], record, cmd.get("in")))
     if record["hu"]:
         ctx.schedule_timer(record["hu"], instance_id, SCHEDULED_START_TIMER_ID, {"x": record["x"]}, TIMER_RELEASE)
     ctx.save(instance_id, record)

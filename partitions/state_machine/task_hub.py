@@ -29,6 +29,7 @@ WIPED_TABLES = (
     "idx_completed",
     "entities",
     "ent_ready",
+    "payloads",
 )
 
 

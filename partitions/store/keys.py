@@ -23,6 +23,7 @@ TABLES = (
     "idx_completed",  # u64 completed_ms, id -> u8 status (ListInstanceIds by completed time)
     "entities",  # entity id (@name@key) -> msgpack entity record; its queued operations live in inbox
     "ent_ready",  # u64 seq -> entity id with operations to dispatch
+    "payloads",  # id NUL field -> a large input or custom status, kept out of the record every event rewrites
 )
 
 _U16 = struct.Struct(">H")
@@ -93,6 +94,10 @@ def entity_id_problem(entity_id: str) -> str | None:
 
 def instance_prefix(instance_id: str) -> bytes:
     return instance_id.encode("utf-8") + b"\x00"
+
+
+def payload_key(instance_id: str, field: str) -> bytes:
+    return instance_prefix(instance_id) + field.encode("ascii")
 
 
 def history_key(instance_id: str, index: int) -> bytes:

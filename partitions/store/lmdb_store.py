@@ -83,6 +83,7 @@ class StoreTxn:
         self._idx_completed = dbs["idx_completed"]
         self._entities = dbs["entities"]
         self._ent_ready = dbs["ent_ready"]
+        self._payloads = dbs["payloads"]
         self.dbs = dbs
 
     def child(self) -> StoreTxn:
@@ -133,6 +134,20 @@ class StoreTxn:
                 record.pop(field, None)
             self.txn.put(key, pack(record), db=self._entities)
         return len(stale)
+
+    # payloads kept beside their instance record
+    def get_payload(self, instance_id: str, field: str) -> str | None:
+        raw = self.txn.get(keys.payload_key(instance_id, field), db=self._payloads)
+        return None if raw is None else bytes(raw).decode("utf-8")
+
+    def put_payload(self, instance_id: str, field: str, value: str) -> None:
+        self.txn.put(keys.payload_key(instance_id, field), value.encode("utf-8"), db=self._payloads)
+
+    def delete_payload(self, instance_id: str, field: str) -> None:
+        self.txn.delete(keys.payload_key(instance_id, field), db=self._payloads)
+
+    def delete_payloads(self, instance_id: str) -> None:
+        self._delete_prefix(self._payloads, keys.instance_prefix(instance_id))
 
     # history
     def history(self, instance_id: str) -> list[bytes]:
