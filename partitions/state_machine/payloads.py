@@ -13,8 +13,7 @@ import hashlib
 from partitions.state_machine.context import Record
 from partitions.store.lmdb_store import StoreTxn
 
-PAYLOAD_ASIDE_BYTES = 1024
-ASIDE_FIELDS = ("in", "cs")  # the input and the custom status
+PAYLOAD_ASIDE_BYTES = 1024  # applies to the input ("in") and the custom status ("cs")
 
 
 def set_payload(txn: StoreTxn, instance_id: str, record: Record, field: str, value: str | None) -> None:

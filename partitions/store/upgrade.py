@@ -11,7 +11,8 @@ call its count says is not there.
 The store records the epoch this version last started at. Every start moves the epoch on by one, so when the
 recorded one is not the previous epoch, another version has started in between (or this version never has):
 the index is built afresh from the timer rows, the entities' counts are dropped (they are taken afresh from the
-queue when needed), and each unfinished orchestration's lock sections are listed afresh from its history.
+queue when needed), each unfinished orchestration's lock sections are listed afresh from its history, and a
+payload an earlier version wrote into a record wins over the one this version kept beside it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,34 @@ def bring_up_to_date(txn: StoreTxn, epoch: int, path: str) -> None:
         indexed = txn.rebuild_timer_index()
         forgotten = txn.forget_entity_fields(ENTITY_COUNTS)
         listed = _list_lock_sections(txn)
-        if indexed or forgotten or listed:
+        reconciled = _reconcile_payloads(txn)
+        if indexed or forgotten or listed or reconciled:
             log.info("%s: brought up to date after another version (%d timers indexed, %d entities' counts dropped,"
-                     " %d orchestrations' lock requests listed)", path, indexed, forgotten, listed)
+                     " %d orchestrations' lock requests listed, %d records' payloads taken back)",
+                     path, indexed, forgotten, listed, reconciled)
     txn.put_meta(keys.META_SCHEMA_EPOCH, keys.pack_u64(epoch))
+
+
+def _reconcile_payloads(txn: StoreTxn) -> int:
+    """This version keeps a large input or custom status beside the record ("pa" names it) and never also in it.
+    An earlier version knows nothing of that: one that ran meanwhile wrote the value into the record (a custom
+    status every turn, an input at continue-as-new), and left "pa" as it was. The record's value is then the
+    newer one; the row beside it goes."""
+    changed: list[tuple[str, dict]] = []
+    for instance_id, record in txn.scan_instances():
+        aside = record.get("pa") or {}
+        overwritten = [field for field in aside if field in record]
+        if not overwritten:
+            continue
+        for field in overwritten:
+            del aside[field]
+            txn.delete_payload(instance_id, field)
+        if not aside:
+            record.pop("pa", None)
+        changed.append((instance_id, record))
+    for instance_id, record in changed:
+        txn.put_instance(instance_id, record)
+    return len(changed)
 
 
 def _list_lock_sections(txn: StoreTxn) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from partitions.process import open_store
 from partitions.state_machine import events as ev
+from partitions.state_machine.payloads import PAYLOAD_ASIDE_BYTES
+from partitions.state_machine.queries import instance_state
 from partitions.store import keys
 from partitions.store.lmdb_store import LmdbStore
 from runtime.config import Config
@@ -134,6 +136,36 @@ def test_lock_sections_an_earlier_version_did_not_list_are_listed_from_history(t
     listed = _at_the_next_start(config, lambda txn: [(txn.get_instance(i)["lr"], txn.get_instance(i)["lh"])
                                                      for i in ("h", "o", "p")])
     assert listed == [([], 1), (["cs-o"], 1), ([], 0)]
+
+
+def test_a_payload_an_earlier_version_wrote_into_the_record_wins_over_the_one_kept_beside_it(tmp_path):
+    """A rollback: the earlier version knows nothing of the payloads table, writes a custom status into the record
+    every turn and leaves "pa" as it was. After the redeploy the record's value is the newer one."""
+    config = _config(tmp_path)
+    _reopen(config).close()
+    core = Core(config.partition_data_dir(0))
+    big = '"' + "x" * (PAYLOAD_ASIDE_BYTES * 4) + '"'
+    core.start("a", data=big)
+    token, _ = core.dispatch_one("a")
+    core.complete_orch("a", token, [schedule_task(1, "Act")], custom_status=big)
+    record = core.record("a")
+    assert set(record["pa"]) == {"in", "cs"}
+    record["cs"] = '"set by the earlier version"'
+    txn = core.store.begin(write=True)
+    txn.put_instance("a", record)
+    txn.commit()
+    core.close()
+    store = LmdbStore(config.partition_data_dir(0), 1 << 26)
+    _as_an_earlier_version_would(store, timers=False)
+    store.close()
+
+    def read(txn):
+        record = txn.get_instance("a")
+        return instance_state(txn, "a", record, True), set(record["pa"]), txn.get_payload("a", "cs")
+
+    state, aside, row = _at_the_next_start(config, read)
+    assert (state["cs"], state["in"]) == ('"set by the earlier version"', big)
+    assert aside == {"in"} and row is None
 
 
 def test_a_store_larger_than_its_configured_map_is_brought_up_to_date(tmp_path):
