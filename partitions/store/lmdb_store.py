@@ -149,6 +149,15 @@ class StoreTxn:
     def delete_payloads(self, instance_id: str) -> None:
         self._delete_prefix(self._payloads, keys.instance_prefix(instance_id))
 
+    def payload_fields(self) -> list[tuple[str, str]]:
+        """(instance id, field) of every payload row."""
+        cur = self.txn.cursor(db=self._payloads)
+        rows = []
+        for key in cur.iternext(keys=True, values=False):
+            instance_id, _, field = bytes(key).partition(b"\x00")
+            rows.append((instance_id.decode("utf-8"), field.decode("ascii")))
+        return rows
+
     # history
     def history(self, instance_id: str) -> list[bytes]:
         return list(self._values_with_prefix(self._history, keys.instance_prefix(instance_id)))

@@ -46,7 +46,7 @@ def _reconcile_payloads(txn: StoreTxn) -> int:
     """This version keeps a large input or custom status beside the record ("pa" names it) and never also in it.
     An earlier version knows nothing of that: one that ran meanwhile wrote the value into the record (a custom
     status every turn, an input at continue-as-new), and left "pa" as it was. The record's value is then the
-    newer one; the row beside it goes."""
+    newer one; the row beside it goes. So do rows of records it purged or replaced."""
     changed: list[tuple[str, dict]] = []
     for instance_id, record in txn.scan_instances():
         aside = record.get("pa") or {}
@@ -61,7 +61,13 @@ def _reconcile_payloads(txn: StoreTxn) -> int:
         changed.append((instance_id, record))
     for instance_id, record in changed:
         txn.put_instance(instance_id, record)
-    return len(changed)
+    orphans = 0
+    for instance_id, field in txn.payload_fields():
+        record = txn.get_instance(instance_id)
+        if record is None or field not in (record.get("pa") or {}):
+            txn.delete_payload(instance_id, field)
+            orphans += 1
+    return len(changed) + orphans
 
 
 def _list_lock_sections(txn: StoreTxn) -> int:

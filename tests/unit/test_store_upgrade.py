@@ -168,6 +168,25 @@ def test_a_payload_an_earlier_version_wrote_into_the_record_wins_over_the_one_ke
     assert aside == {"in"} and row is None
 
 
+def test_payload_rows_of_records_an_earlier_version_purged_or_replaced_go(tmp_path):
+    config = _config(tmp_path)
+    _reopen(config).close()
+    core = Core(config.partition_data_dir(0))
+    big = '"' + "x" * (PAYLOAD_ASIDE_BYTES * 4) + '"'
+    for instance_id in ("purged", "replaced", "kept"):
+        core.start(instance_id, data=big)
+    txn = core.store.begin(write=True)
+    txn.delete_instance("purged")  # the earlier version's purge leaves the row
+    txn.put_instance("replaced", {**txn.get_instance("replaced"), "in": None, "pa": {}})  # its restart, input lost
+    txn.commit()
+    core.close()
+    store = LmdbStore(config.partition_data_dir(0), 1 << 26)
+    _as_an_earlier_version_would(store, timers=False)
+    store.close()
+
+    assert _at_the_next_start(config, lambda txn: txn.payload_fields()) == [("kept", "in")]
+
+
 def test_a_store_larger_than_its_configured_map_is_brought_up_to_date(tmp_path):
     """Opened with a map smaller than its file, a store gets a map of just its used size; the upgrade's
     rewrite of its records (copy on write) then hit MapFullError at every start: a crash loop."""
