@@ -157,9 +157,12 @@ def _ask_for_locks_again(
     ctx: Ctx, instance_id: str, record: Record, waited_for: dict[str, pb.EntityLockRequestedEvent]
 ) -> None:
     """The replay waits for the grant of each section in `waited_for`. One still listed as asked for ("lr") comes
-    to the rewound execution; one that came while the instance was FAILED was released then, so it is asked for
-    again, or the rewound orchestration would wait for it for ever."""
-    still_coming = set(record.get("lr") or ())
+    to the rewound execution, and one that came since the rewind began waits in its inbox; one that came while
+    the instance was FAILED was released then, so it is asked for again, or the rewound orchestration would wait
+    for it for ever."""
+    inbox = (pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox_iter(instance_id))
+    granted = {event.entityLockGranted.criticalSectionId for event in inbox if event.HasField("entityLockGranted")}
+    still_coming = set(record.get("lr") or ()) | granted
     record["lr"] = [section for section in record.get("lr") or () if section in waited_for]
     for section, request in waited_for.items():
         if section not in still_coming:

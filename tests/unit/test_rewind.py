@@ -203,3 +203,27 @@ def test_a_grant_still_on_its_way_goes_to_the_rewound_instance_without_a_second_
     with core.read() as txn:
         queued = [pb.HistoryEvent.FromString(raw) for _, raw in txn.inbox(ENTITY)]
     assert not [e for e in queued if e.HasField("entityLockRequested")]  # asked for once only
+
+
+def test_a_grant_that_comes_while_the_rewind_is_out_is_not_asked_for_again(core):
+    """The grant waits in the inbox for the rewound execution. A second request would lock the entity again
+    once the section ends, for an orchestration whose history already unlocked it: locked for good."""
+    core.start("holder")
+    core.run_first("holder", [_lock("holder", "cs-0")])
+    holder_token, _ = core.dispatch_one("holder")
+    core.start("a")
+    core.run_first("a", [_lock("a", "cs-1"), schedule_task(2, "Flaky")])
+    [(flaky, _)] = core.dispatch_act()
+    core.complete_act("a", 2, flaky, failure=BOOM)
+    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+
+    rewind(core, "a", "x-rewound", while_out=lambda: core.complete_orch(
+        "holder", holder_token, [_unlock("holder", "cs-0", 2), complete(3, COMPLETED)]))
+    token, request = core.dispatch_one("a")
+    assert [e.entityLockGranted.criticalSectionId for e in request.newEvents if e.HasField("entityLockGranted")] == ["cs-1"]
+    core.complete_orch("a", token, [_unlock("a", "cs-1", 4), schedule_task(5, "After")])  # the section ends
+    [(after, _)] = core.dispatch_act()
+    core.complete_act("a", 5, after, result='"ok"')
+    core.run_first("a", [complete(6, COMPLETED)])
+
+    assert _locked_by(core) is None
