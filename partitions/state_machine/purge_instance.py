@@ -29,9 +29,9 @@ def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
     Recursive purge is driven by the gateway (children first, then the parent), so the count it
     reports is the real one; purging is idempotent, so a retried request does no harm.
 
-    In a recursive purge, "seen" lists the children the gateway's walk found. An instance that runs again
-    since (rewound, restarted) or has a child the walk did not see is kept, and the reply says so: purging it
-    would leave that child where no recursive purge reaches it.
+    In a recursive purge, "seen" lists the children the gateway's walk found, and "sx" the execution it saw. An
+    instance that runs again since, or has run again (rewound, restarted, replaced), or has a child the walk did
+    not see is kept, and the reply says so: purging it would leave a child where no recursive purge reaches it.
     """
     instance_id = cmd["i"]
     record = _of_parent(ctx.load(instance_id), cmd.get("pp"))
@@ -39,7 +39,8 @@ def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
         ctx.reply(cmd, {"deleted": 0})
         return
     seen = cmd.get("seen")
-    changed = seen is not None and (record["s"] not in ev.TERMINAL or not set(record.get("ch") or ()) <= set(seen))
+    changed = seen is not None and (record["s"] not in ev.TERMINAL or not set(record.get("ch") or ()) <= set(seen)
+                                    or cmd.get("sx", record["x"]) != record["x"])
     if changed or record["s"] not in ev.TERMINAL:
         ctx.reply(cmd, {"deleted": 0, "kept": 1} if changed else {"deleted": 0})
         return
@@ -50,7 +51,7 @@ def apply_purge(ctx: Ctx, cmd: dict[str, Any]) -> None:
 def apply_get_children(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """The status and sub-orchestration ids of an instance (None when it does not exist)."""
     record = _of_parent(ctx.load(cmd["i"]), cmd.get("pp"))
-    ctx.reply(cmd, None if record is None else {"s": record["s"], "ch": list(record.get("ch") or ())})
+    ctx.reply(cmd, None if record is None else {"s": record["s"], "ch": list(record.get("ch") or ()), "x": record["x"]})
 
 
 def _of_parent(record: Record | None, parent_id: str | None) -> Record | None:

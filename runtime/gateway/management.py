@@ -207,32 +207,33 @@ class Management:
             return None
         if info["s"] not in TERMINAL_STATUSES:
             return _RUNS_ITSELF if depth == 0 else _STILL_RUNNING
-        children = info["ch"] if depth < _MAX_PURGE_DEPTH else []  # deeper ones are left: that bounds the walk
+        # Deeper ones are not walked, which bounds the walk; the instance that has them is then kept (not whole).
+        children = info["ch"] if depth < _MAX_PURGE_DEPTH else []
         subtrees = await _each(children, lambda c: self._finished_tree(c, instance_id, timeout, depth + 1))
         if any(subtree is _STILL_RUNNING for subtree in subtrees):
             return _STILL_RUNNING
-        return instance_id, parent, info["ch"], [subtree for subtree in subtrees if subtree is not None]
+        seen = {"seen": children, "sx": info["x"]} if "x" in info else {"seen": children}
+        return instance_id, parent, seen, [subtree for subtree in subtrees if subtree is not None]
 
     async def _purge_tree(self, tree: Any, timeout: float) -> tuple[int, bool]:
         """(instances deleted, whether the whole tree went). An instance is purged only after all of its
         subtrees went."""
-        instance_id, parent, children, subtrees = tree
+        instance_id, parent, seen, subtrees = tree
         outcomes = await _each(subtrees, lambda subtree: self._purge_tree(subtree, timeout))
         deleted = sum(count for count, _ in outcomes)
         if not all(whole for _, whole in outcomes):
             return deleted, False
-        count, kept = await self._purge_one(instance_id, parent, children, timeout)
+        count, kept = await self._purge_one(instance_id, parent, seen, timeout)
         return deleted + count, not kept
 
     async def _purge_one(
-        self, instance_id: str, parent: str | None, children: list[str] | None, timeout: float
+        self, instance_id: str, parent: str | None, seen: dict[str, Any] | None, timeout: float
     ) -> tuple[int, bool]:
-        """(1 if deleted else 0, whether the instance was kept because it changed since the walk saw it)."""
-        command: dict[str, Any] = {"op": "purge", "i": instance_id}
+        """(1 if deleted else 0, whether the instance was kept because it changed since the walk saw it: `seen`
+        names its children and execution as the walk saw them)."""
+        command: dict[str, Any] = {"op": "purge", "i": instance_id, **(seen or {})}
         if parent is not None:
             command["pp"] = parent
-        if children is not None:
-            command["seen"] = children
         result = await self.client.request(self.client.partition_of(instance_id), command, timeout)
         return result["deleted"], bool(result.get("kept"))
 

@@ -85,10 +85,11 @@ def test_get_children_lists_sub_orchestrations_and_purge_removes_only_the_named_
     p0.run_first(parent, [complete(0, COMPLETED)])
     rows_before = len(p0.outbox(1))
 
+    execution = p0.record(parent)["x"]
     info = _result(p0.request({"op": "get_children", "i": parent}))
     actions = p0.request({"op": "purge", "i": parent, "r": True})
 
-    assert info == {"s": COMPLETED, "ch": [local_child, remote_child]}
+    assert info == {"s": COMPLETED, "ch": [local_child, remote_child], "x": execution}
     assert _result(actions) == {"deleted": 1}
     assert p0.record(parent) is None
     assert p0.record(local_child) is not None  # the gateway purges each child with its own request
@@ -139,7 +140,8 @@ def test_a_recursive_purge_only_reaches_children_their_parent_started(pair):
     assert _result(p0.request({"op": "get_children", "i": stranger, "pp": parent})) is None
     assert _result(p0.request({"op": "purge", "i": stranger, "pp": parent})) == {"deleted": 0}
     assert p0.record(stranger) is not None
-    assert _result(p0.request({"op": "get_children", "i": child, "pp": parent})) == {"s": COMPLETED, "ch": []}
+    assert _result(p0.request({"op": "get_children", "i": child, "pp": parent})) == {
+        "s": COMPLETED, "ch": [], "x": p0.record(child)["x"]}
     assert _result(p0.request({"op": "purge", "i": child, "pp": parent})) == {"deleted": 1}
 
 
@@ -216,3 +218,36 @@ def test_a_child_rewound_between_the_walk_and_its_purge_keeps_its_parent(core, t
     assert (response.deletedInstanceCount, response.isComplete.value) == (0, False)
     assert core.status("parent") == FAILED
     assert core.status("parent:0001") == RUNNING
+
+
+def test_a_recursive_purge_keeps_an_instance_that_ran_again_since_the_walk(core):
+    """Restarted (or replaced) and ended again between the walk and the purge: the same status and child ids,
+    but a new execution, whose child may still be on its way."""
+    _failed_parent_with_failed_child(core)
+    walked = _result(core.request({"op": "get_children", "i": "parent"}))
+    core.request({"op": "restart", "i": "parent", "x": "x-again"})
+    core.run_first("parent", [complete(0, FAILED)])
+
+    purge = {"op": "purge", "i": "parent", "seen": walked["ch"], "sx": walked["x"]}
+
+    assert _result(core.request(purge)) == {"deleted": 0, "kept": 1}
+    assert core.record("parent") is not None
+
+
+def test_a_tree_deeper_than_the_walk_goes_is_kept_whole(core, tmp_path, monkeypatch):
+    """The walk stops at a depth; the instance whose children it did not walk is kept, with its ancestors,
+    rather than leaving those children where no recursive purge reaches them."""
+    from runtime.gateway import management
+
+    monkeypatch.setattr(management, "_MAX_PURGE_DEPTH", 1)
+    core.start("parent")
+    core.run_first("parent", [create_sub(1, "C")])
+    core.run_first("parent:0001", [create_sub(1, "C")])
+    core.run_first("parent:0001:0001", [complete(0, COMPLETED)])
+    core.run_first("parent:0001", [complete(2, COMPLETED)])
+    core.run_first("parent", [complete(2, COMPLETED)])
+
+    response = _purge_recursively(core, tmp_path)
+
+    assert (response.deletedInstanceCount, response.isComplete.value) == (0, False)
+    assert all(core.record(i) is not None for i in ("parent", "parent:0001", "parent:0001:0001"))
