@@ -8,6 +8,7 @@ from partitions.state_machine import events as ev
 from partitions.state_machine.context import Ctx, Record
 from partitions.state_machine.payloads import payload_of
 from partitions.state_machine.state import Waiter
+from partitions.store.keys import orchestration_id_problem
 from partitions.store.lmdb_store import StoreTxn
 
 _STATE_FIELDS = ("n", "v", "s", "c", "u", "d", "fd", "x", "tg", "sst")
@@ -36,9 +37,13 @@ def apply_get_instance(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 def apply_wait(ctx: Ctx, cmd: dict[str, Any]) -> None:
     """Answer now if the condition holds; otherwise park a waiter, also for an instance that does not exist yet:
-    a client may wait for an instance another one is about to start. The caller's deadline ends the wait."""
+    a client may wait for an instance another one is about to start. The caller's deadline ends the wait. An id
+    no orchestration can have (an entity's) is answered at once: nothing would ever end that wait."""
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
+    if record is None and orchestration_id_problem(instance_id):
+        ctx.reply(cmd, None)
+        return
     if record is not None and condition_met(cmd["k"], record["s"]):
         ctx.reply(cmd, instance_state(ctx.txn, instance_id, record, bool(cmd.get("pl"))))
         return

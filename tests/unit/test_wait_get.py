@@ -103,6 +103,13 @@ def test_a_wait_on_an_instance_not_started_yet_parks_until_it_starts(core):
     assert condition_met("start", core.status("later"))
 
 
+def test_a_wait_on_an_id_no_orchestration_can_have_is_answered_at_once(core):
+    for kind in ("start", "done"):
+        [reply] = replies(_wait(core, "@counter@k", kind))
+        assert reply.result is None
+    assert core.state.waiters == {}
+
+
 def test_status_changes_only_when_the_status_does(core):
     core.start("a")
     core.run_first("a")
