@@ -51,7 +51,11 @@ META_PARTITION_COUNT = b"partition_count"
 META_PARTITION_INDEX = b"partition_index"
 META_EPOCH = b"epoch"
 META_SEQ = b"seq"
-META_SCHEMA_EPOCH = b"schema_epoch"  # the epoch this version of the store's layout last started at
+# The epoch at which a version that keeps the store's layout up to date last started. Each change of layout adds
+# a key of its own: a version from before it writes the earlier keys at its start, but not the new one.
+META_SCHEMA_EPOCH = b"schema_epoch"  # timer index, entity counts, lock sections
+META_PAYLOADS_EPOCH = b"schema_epoch/payloads"  # large inputs and custom statuses beside the record
+SCHEMA_MARKERS = (META_SCHEMA_EPOCH, META_PAYLOADS_EPOCH)
 META_HUB_GENERATION = b"hub_generation"  # of the last DeleteTaskHub/CreateTaskHub(recreate) this partition applied
 
 

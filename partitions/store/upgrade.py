@@ -8,8 +8,10 @@ reader falls back to reading the queue or history through. But if it ran on a st
 (a rollback, then a redeploy), the counts it left behind are stale, and an entity would wait for ever on a
 call its count says is not there.
 
-The store records the epoch this version last started at. Every start moves the epoch on by one, so when the
-recorded one is not the previous epoch, another version has started in between (or this version never has):
+The store records the epoch this version last started at, under one key per change of layout (keys.SCHEMA_MARKERS:
+a version from before a change writes the keys it knows, not the later ones). Every start moves the epoch on by
+one, so when a recorded one is not the previous epoch, another version has started in between (or this version
+never has):
 the index is built afresh from the timer rows, the entities' counts are dropped (they are taken afresh from the
 queue when needed), each unfinished orchestration's lock sections are listed afresh from its history, and a
 payload an earlier version wrote into a record wins over the one this version kept beside it.
@@ -29,8 +31,8 @@ ENTITY_COUNTS = ("lq", "oq", "uq")
 
 
 def bring_up_to_date(txn: StoreTxn, epoch: int, path: str) -> None:
-    raw = txn.get_meta(keys.META_SCHEMA_EPOCH)
-    if raw is None or keys.unpack_u64(raw) != epoch - 1:
+    marks = [txn.get_meta(marker) for marker in keys.SCHEMA_MARKERS]
+    if any(raw is None or keys.unpack_u64(raw) != epoch - 1 for raw in marks):
         indexed = txn.rebuild_timer_index()
         forgotten = txn.forget_entity_fields(ENTITY_COUNTS)
         listed = _list_lock_sections(txn)
@@ -39,7 +41,8 @@ def bring_up_to_date(txn: StoreTxn, epoch: int, path: str) -> None:
             log.info("%s: brought up to date after another version (%d timers indexed, %d entities' counts dropped,"
                      " %d orchestrations' lock requests listed, %d records' payloads taken back)",
                      path, indexed, forgotten, listed, reconciled)
-    txn.put_meta(keys.META_SCHEMA_EPOCH, keys.pack_u64(epoch))
+    for marker in keys.SCHEMA_MARKERS:
+        txn.put_meta(marker, keys.pack_u64(epoch))
 
 
 def _reconcile_payloads(txn: StoreTxn) -> int:

@@ -34,12 +34,15 @@ def _at_the_next_start(config: Config, read):
         store.close()
 
 
-def _as_an_earlier_version_would(store: LmdbStore, *, timers: bool = True, records: dict | None = None) -> None:
-    """Another version starts (the epoch moves on without this version's mark) and writes what it writes: timer
-    rows with no index, and records whose counts it does not keep."""
+def _as_an_earlier_version_would(store: LmdbStore, *, timers: bool = True, records: dict | None = None,
+                                 marks: tuple[bytes, ...] = ()) -> None:
+    """Another version starts (the epoch moves on, and it writes only the schema marks it knows) and writes what it
+    writes: timer rows with no index, and records whose counts it does not keep."""
     txn = store.begin(write=True)
     epoch = keys.unpack_u64(txn.get_meta(keys.META_EPOCH))
     txn.put_meta(keys.META_EPOCH, keys.pack_u64(epoch + 1))
+    for mark in marks:
+        txn.put_meta(mark, keys.pack_u64(epoch + 1))
     if timers:
         txn.txn.drop(store.dbs["timer_idx"], delete=False)
     for entity_id, record in (records or {}).items():
@@ -156,7 +159,7 @@ def test_a_payload_an_earlier_version_wrote_into_the_record_wins_over_the_one_ke
     txn.commit()
     core.close()
     store = LmdbStore(config.partition_data_dir(0), 1 << 26)
-    _as_an_earlier_version_would(store, timers=False)
+    _as_an_earlier_version_would(store, timers=False, marks=(keys.META_SCHEMA_EPOCH,))  # as the version before did
     store.close()
 
     def read(txn):
@@ -181,7 +184,7 @@ def test_payload_rows_of_records_an_earlier_version_purged_or_replaced_go(tmp_pa
     txn.commit()
     core.close()
     store = LmdbStore(config.partition_data_dir(0), 1 << 26)
-    _as_an_earlier_version_would(store, timers=False)
+    _as_an_earlier_version_would(store, timers=False, marks=(keys.META_SCHEMA_EPOCH,))  # as the version before did
     store.close()
 
     assert _at_the_next_start(config, lambda txn: txn.payload_fields()) == [("kept", "in")]
