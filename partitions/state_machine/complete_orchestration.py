@@ -254,6 +254,7 @@ def _continue_as_new(ctx: Ctx, out: Outcome, complete: pb.CompleteOrchestrationA
     release_held_locks(ctx, instance_id, record)
     record["lr"], record["lh"] = [], 0
     record.pop("lx", None)
+    record.pop("cx", None)  # answers to calls a rewound execution still waited for: the new one made none
     ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_history(instance_id)
     ctx.txn.delete_instance_timers(instance_id)  # the old execution's: they would fire for nothing

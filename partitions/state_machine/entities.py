@@ -360,11 +360,20 @@ def apply_start_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
 
 
 def apply_entity_result(ctx: Ctx, cmd: dict[str, Any]) -> None:
-    """An entity answered a call: entityOperationCompleted/Failed for the calling orchestration."""
+    """An entity answered a call: entityOperationCompleted/Failed for the calling orchestration.
+
+    It goes to the execution that made the call, or to one rewound from it that still waits for the answer
+    ("cx"). A FAILED instance keeps it in its inbox, undelivered: a rewind hands it on. An instance ended
+    otherwise drops it."""
     instance_id = cmd["i"]
     record = ctx.load(instance_id)
-    if record is None or record["s"] in ev.TERMINAL or (cmd.get("x") and cmd["x"] != record["x"]):
+    if record is None or (record["s"] in ev.TERMINAL and record["s"] != ev.FAILED):
         return
+    carried = cmd["req"] in (record.get("cx") or ())
+    if cmd.get("x") and cmd["x"] != record["x"] and not carried:
+        return
+    if carried:
+        record["cx"].remove(cmd["req"])
     if cmd.get("fd") is not None:
         failed = pb.EntityOperationFailedEvent(requestId=cmd["req"], failureDetails=pb.TaskFailureDetails.FromString(cmd["fd"]))
         event = ev.history_event(ctx.now_ms, entityOperationFailed=failed)

@@ -42,9 +42,21 @@ def _prepare(ctx: Ctx, instance_id: str, record: Record, reason: str | None, par
         rewound.parentExecutionId.value = parent_execution_id
         record["p"][1] = parent_execution_id
     event = ev.history_event(ctx.now_ms, executionRewound=rewound).SerializeToString()
+    # Answers to entity calls kept while it was FAILED go on to the rewound execution; they follow the rewind,
+    # which must come first and alone.
+    answers = [raw for _, raw in ctx.txn.inbox_iter(instance_id) if _is_entity_answer(raw)]
     ctx.txn.delete_inbox(instance_id)
     ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SUSPENDED)
+    for raw in answers:
+        ctx.txn.put_inbox(instance_id, ctx.state.next_seq(), raw)
     ctx.save(instance_id, record)
+
+
+def _is_entity_answer(raw: bytes) -> bool:
+    return pb.HistoryEvent.FromString(raw).WhichOneof("eventType") in _ENTITY_ANSWERS
+
+
+_ENTITY_ANSWERS = ("entityOperationCompleted", "entityOperationFailed")
 
 
 def apply_rewind_child(ctx: Ctx, cmd: dict[str, Any]) -> None:
@@ -82,6 +94,7 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
     answered: set[int] = set()
     timers: dict[int, Any] = {}  # timerCreated id -> fireAt, while no timerFired answers it
     lock_requests: dict[str, pb.EntityLockRequestedEvent] = {}  # critical sections the history waits to be granted
+    calls: set[str] = set()  # entity calls the history waits to be answered
     for event in history:
         which = event.WhichOneof("eventType")
         if which == "executionStarted":
@@ -104,6 +117,10 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
             lock_requests[event.entityLockRequested.criticalSectionId] = event.entityLockRequested
         elif which == "entityLockGranted":
             lock_requests.pop(event.entityLockGranted.criticalSectionId, None)
+        elif which == "entityOperationCalled":
+            calls.add(event.entityOperationCalled.requestId)
+        elif which in _ENTITY_ANSWERS:
+            calls.discard(getattr(event, which).requestId)
     record["rw"] = 0
     record["kick"] = 1  # dispatch once with no new events: the replay re-issues the removed work
     if record["s"] != ev.SUSPENDED:  # a suspend that came while the rewind was out holds it until resumed
@@ -120,6 +137,7 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
         fire_ms, row = ev.timer_row(record["x"], fire_at)
         ctx.schedule_timer(fire_ms, instance_id, timer_id, row)
     _ask_for_locks_again(ctx, instance_id, record, lock_requests)
+    _wait_for_calls(ctx, instance_id, record, calls)
     for task_id, child in created.items():
         if task_id in finished:
             continue
@@ -167,3 +185,18 @@ def _ask_for_locks_again(
     for section, request in waited_for.items():
         if section not in still_coming:
             request_lock(ctx, instance_id, record, request)
+
+
+def _wait_for_calls(ctx: Ctx, instance_id: str, record: Record, calls: set[str]) -> None:
+    """The rewound execution waits for the answers to these entity calls. Each names the execution that made
+    it, which is not this one: the record lists the calls ("cx") so that their answers are taken all the same.
+    (Asking again would run the operation twice.) Answers already in the inbox need no listing."""
+    for _, raw in ctx.txn.inbox_iter(instance_id):
+        event = pb.HistoryEvent.FromString(raw)
+        which = event.WhichOneof("eventType")
+        if which in _ENTITY_ANSWERS:
+            calls.discard(getattr(event, which).requestId)
+    if calls:
+        record["cx"] = sorted(calls)
+    else:
+        record.pop("cx", None)

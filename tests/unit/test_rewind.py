@@ -227,3 +227,52 @@ def test_a_grant_that_comes_while_the_rewind_is_out_is_not_asked_for_again(core)
     core.run_first("a", [complete(6, COMPLETED)])
 
     assert _locked_by(core) is None
+
+
+def _call(owner: str, request_id: str, action_id: int = 1) -> pb.OrchestratorAction:
+    called = pb.EntityOperationCalledEvent(requestId=request_id, operation="get", parentInstanceId=sv(owner),
+                                           targetInstanceId=sv(ENTITY))
+    return pb.OrchestratorAction(id=action_id, sendEntityMessage=pb.SendEntityMessageAction(entityOperationCalled=called))
+
+
+def _entity_answers(core) -> None:
+    [(batch, _)] = core.dispatch_ent()
+    result = pb.OperationResult(success=pb.OperationResultSuccess(result=sv("42")))
+    core.request({"op": "complete_ent", "tok": batch,
+                  "resp": pb.EntityBatchResult(completionToken=batch, results=[result]).SerializeToString()})
+
+
+def _failed_with_an_entity_call_out(core) -> None:
+    """'a' called the entity and ran Flaky at once (a when_all); Flaky failed, and so did 'a', the call still out."""
+    core.start("a")
+    core.run_first("a", [_call("a", "req-1"), schedule_task(2, "Flaky")])
+    [(flaky, _)] = core.dispatch_act()
+    core.complete_act("a", 2, flaky, failure=BOOM)
+    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+
+
+def _answers_delivered(request: pb.OrchestratorRequest) -> list[str]:
+    return [e.entityOperationCompleted.requestId for e in request.newEvents if e.HasField("entityOperationCompleted")]
+
+
+def test_an_entity_answer_that_comes_after_the_rewind_reaches_the_rewound_execution(core):
+    """The answer names the failed execution; the rewound one has another id, and its history still waits."""
+    _failed_with_an_entity_call_out(core)
+    rewind(core, "a", "x-rewound")
+    core.dispatch_one("a")  # the replay's own turn, out at the worker
+
+    _entity_answers(core)
+
+    assert [e.entityOperationCompleted.requestId for e in core.inbox("a")] == ["req-1"]
+
+
+def test_an_entity_answer_that_came_while_the_instance_was_failed_is_kept_for_the_rewind(core):
+    """Asking the entity again would run the operation twice."""
+    _failed_with_an_entity_call_out(core)
+    _entity_answers(core)
+
+    rewind(core, "a", "x-rewound")
+
+    _, request = core.dispatch_one("a")
+    assert _answers_delivered(request) == ["req-1"]
+    assert core.inbox(ENTITY) == []
