@@ -161,9 +161,9 @@ def _locked_by(core) -> str | None:
     return None if record is None else record["lo"]
 
 
-def test_a_lock_granted_while_the_instance_was_failed_is_asked_for_again_by_the_rewound_one(core):
-    """'a' asked for the entity, which another section held, and failed before the grant came; the grant found
-    it FAILED and was released. The rewound replay waits for that grant: without a new request, for ever."""
+def _failed_waiting_for_a_lock_the_holder_has(core) -> str:
+    """'holder' holds the entity (its grant is out: the token is returned); 'a' asked for it too, and ran Flaky
+    at once, which failed, and so did 'a', still waiting for the lock."""
     core.start("holder")
     core.run_first("holder", [_lock("holder", "cs-0")])
     holder_token, _ = core.dispatch_one("holder")  # its grant
@@ -173,6 +173,13 @@ def test_a_lock_granted_while_the_instance_was_failed_is_asked_for_again_by_the_
     [(flaky, _)] = core.dispatch_act()
     core.complete_act("a", 2, flaky, failure=BOOM)
     core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+    return holder_token
+
+
+def test_a_lock_granted_while_the_instance_was_failed_is_asked_for_again_by_the_rewound_one(core):
+    """'a' asked for the entity, which another section held, and failed before the grant came; the grant found
+    it FAILED and was released. The rewound replay waits for that grant: without a new request, for ever."""
+    holder_token = _failed_waiting_for_a_lock_the_holder_has(core)
     core.complete_orch("holder", holder_token, [_unlock("holder", "cs-0", 2), complete(3, COMPLETED)])
     assert _locked_by(core) is None  # granted to the failed 'a', and released
 
@@ -185,14 +192,7 @@ def test_a_lock_granted_while_the_instance_was_failed_is_asked_for_again_by_the_
 
 
 def test_a_grant_still_on_its_way_goes_to_the_rewound_instance_without_a_second_request(core):
-    core.start("holder")
-    core.run_first("holder", [_lock("holder", "cs-0")])
-    holder_token, _ = core.dispatch_one("holder")
-    core.start("a")
-    core.run_first("a", [_lock("a", "cs-1"), schedule_task(2, "Flaky")])
-    [(flaky, _)] = core.dispatch_act()
-    core.complete_act("a", 2, flaky, failure=BOOM)
-    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+    holder_token = _failed_waiting_for_a_lock_the_holder_has(core)
 
     rewind(core, "a", "x-rewound")
     core.complete_orch("holder", holder_token, [_unlock("holder", "cs-0", 2), complete(3, COMPLETED)])
@@ -208,14 +208,7 @@ def test_a_grant_still_on_its_way_goes_to_the_rewound_instance_without_a_second_
 def test_a_grant_that_comes_while_the_rewind_is_out_is_not_asked_for_again(core):
     """The grant waits in the inbox for the rewound execution. A second request would lock the entity again
     once the section ends, for an orchestration whose history already unlocked it: locked for good."""
-    core.start("holder")
-    core.run_first("holder", [_lock("holder", "cs-0")])
-    holder_token, _ = core.dispatch_one("holder")
-    core.start("a")
-    core.run_first("a", [_lock("a", "cs-1"), schedule_task(2, "Flaky")])
-    [(flaky, _)] = core.dispatch_act()
-    core.complete_act("a", 2, flaky, failure=BOOM)
-    core.run_first("a", [complete(3, FAILED, failure=BOOM)])
+    holder_token = _failed_waiting_for_a_lock_the_holder_has(core)
 
     rewind(core, "a", "x-rewound", while_out=lambda: core.complete_orch(
         "holder", holder_token, [_unlock("holder", "cs-0", 2), complete(3, COMPLETED)]))
