@@ -9,7 +9,7 @@ from partitions.state_machine.context import Ctx, Record, wake_of
 from partitions.state_machine.entities import release_held_locks
 from partitions.state_machine.orchestrator_actions import HANDLERS, Outcome
 from partitions.state_machine.payloads import set_payload
-from partitions.state_machine.rewind import install_rewound_history
+from partitions.state_machine.rewind import install_rewound_history, is_entity_answer
 from partitions.state_machine.start_instance import derive_execution_id
 from partitions.state_machine.state import Lease
 from partitions.store.keys import entity_id_problem
@@ -226,7 +226,14 @@ def finish_execution(
     if status == ev.TERMINATED and cascade_queued:
         queued = [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
         _cascade_queued_terminate(ctx, instance_id, record, queued)
-    ctx.txn.delete_inbox(instance_id)
+    if status == ev.FAILED:
+        # Answers to its entity calls stay, undelivered: an entity answers once, and a rewind hands them on to
+        # the rewound execution, whose history still waits for them.
+        for key, raw in list(ctx.txn.inbox_iter(instance_id)):
+            if not is_entity_answer(raw):
+                ctx.txn.delete_inbox_key(key)
+    else:
+        ctx.txn.delete_inbox(instance_id)
     ctx.txn.delete_instance_timers(instance_id)  # a rewind sets again those its replay waits for
     parent = record.get("p")
     if parent:

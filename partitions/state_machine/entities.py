@@ -374,6 +374,8 @@ def apply_entity_result(ctx: Ctx, cmd: dict[str, Any]) -> None:
         return
     if carried:
         record["cx"].remove(cmd["req"])
+        if not record["cx"]:
+            del record["cx"]
     if cmd.get("fd") is not None:
         failed = pb.EntityOperationFailedEvent(requestId=cmd["req"], failureDetails=pb.TaskFailureDetails.FromString(cmd["fd"]))
         event = ev.history_event(ctx.now_ms, entityOperationFailed=failed)

@@ -44,7 +44,7 @@ def _prepare(ctx: Ctx, instance_id: str, record: Record, reason: str | None, par
     event = ev.history_event(ctx.now_ms, executionRewound=rewound).SerializeToString()
     # Answers to entity calls kept while it was FAILED go on to the rewound execution; they follow the rewind,
     # which must come first and alone.
-    answers = [raw for _, raw in ctx.txn.inbox_iter(instance_id) if _is_entity_answer(raw)]
+    answers = [raw for _, raw in ctx.txn.inbox_iter(instance_id) if is_entity_answer(raw)]
     ctx.txn.delete_inbox(instance_id)
     ctx.enqueue_event(instance_id, record, event, wakes=WAKES_SUSPENDED)
     for raw in answers:
@@ -52,7 +52,8 @@ def _prepare(ctx: Ctx, instance_id: str, record: Record, reason: str | None, par
     ctx.save(instance_id, record)
 
 
-def _is_entity_answer(raw: bytes) -> bool:
+def is_entity_answer(raw: bytes) -> bool:
+    """An entity's answer to a call: kept for a rewind while the instance is FAILED."""
     return pb.HistoryEvent.FromString(raw).WhichOneof("eventType") in _ENTITY_ANSWERS
 
 

@@ -269,3 +269,18 @@ def test_an_entity_answer_that_came_while_the_instance_was_failed_is_kept_for_th
     _, request = core.dispatch_one("a")
     assert _answers_delivered(request) == ["req-1"]
     assert core.inbox(ENTITY) == []
+
+
+def test_an_entity_answer_that_came_while_the_failing_turn_was_out_is_kept_for_the_rewind(core):
+    core.start("a")
+    core.run_first("a", [_call("a", "req-1"), schedule_task(2, "Flaky")])
+    [(flaky, _)] = core.dispatch_act()
+    core.complete_act("a", 2, flaky, failure=BOOM)
+    token, _ = core.dispatch_one("a")  # the turn that fails is out at the worker
+    _entity_answers(core)
+    core.complete_orch("a", token, [complete(3, FAILED, failure=BOOM)])
+
+    rewind(core, "a", "x-rewound")
+
+    _, request = core.dispatch_one("a")
+    assert _answers_delivered(request) == ["req-1"]
