@@ -182,10 +182,10 @@ class Management:
         as it is, and the purge is reported not whole (isComplete=false). A running instance named itself
         counts as not deleted, as without `recursive`.
 
-        The walk and the purge are not one instant: an instance in the tree may be rewound or restarted in
-        between. Each purge therefore names the children the walk saw, and a partition keeps an instance that
-        runs again or has a child the walk did not see; its ancestors are then kept too, so nothing is left
-        unreachable, and the purge is reported not whole.
+        The walk and the purge are not one instant: an instance in the tree may be rewound, restarted or replaced
+        in between. Each purge therefore names the children and the execution the walk saw, and a partition keeps
+        an instance that runs again, has run again or has a child the walk did not see; its ancestors are then
+        kept too, so nothing is left unreachable, and the purge is reported not whole.
         """
         if not recursive:
             return (await self._purge_one(instance_id, parent, None, timeout))[0], True
@@ -197,9 +197,9 @@ class Management:
         return await self._purge_tree(tree, timeout)
 
     async def _finished_tree(self, instance_id: str, parent: str | None, timeout: float, depth: int) -> Any:
-        """(id, parent, [subtrees]) if the instance and all its descendants have finished; _RUNS_ITSELF or
-        _STILL_RUNNING if one has not; None if the instance is gone (or is not `parent`'s child: a child list
-        can name an id whose start failed because another instance had it)."""
+        """(id, parent, what the walk saw, [subtrees]) if the instance and all its descendants have finished;
+        _RUNS_ITSELF or _STILL_RUNNING if one has not; None if the instance is gone (or is not `parent`'s child:
+        a child list can name an id whose start failed because another instance had it)."""
         of_parent = {} if parent is None else {"pp": parent}
         info = await self.client.request(self.client.partition_of(instance_id),
                                          {"op": "get_children", "i": instance_id, **of_parent}, timeout)
