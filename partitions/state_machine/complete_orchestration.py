@@ -64,6 +64,7 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     terminations = [event.executionTerminated for event in map(pb.HistoryEvent.FromString, delivered[1:])
                     if event.HasField("executionTerminated")]
     terminate_requested = bool(terminations)
+    reason = _terminate_reason(terminations[0]) if terminations else None  # the first one delivered is taken
 
     record.pop("ab", None)  # a worker took it: the abandon backoff starts over
     record.pop("sp", None)  # ...and ran it: no longer "suspended before it started"
@@ -73,7 +74,6 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
         # it first and may have completed it, ignoring the terminate: the terminate wins, and none of the
         # turn's actions are applied.
         _append_history(ctx, instance_id, record, delivered)
-        reason = terminations[0].input.value if terminations[0].HasField("input") else None
         finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None, cascade_queued=False)
         ctx.save(instance_id, record)
         ctx.reply(cmd)
@@ -103,14 +103,12 @@ def apply_complete_orchestration(ctx: Ctx, cmd: dict[str, Any]) -> None:
     elif out.complete is not None and not (terminate_requested and continued):
         _complete(ctx, out, cascade_queued=not terminations)
     elif terminate_requested:
-        reason = terminations[0].input.value if terminations[0].HasField("input") else None
         finish_execution(ctx, instance_id, record, ev.TERMINATED, reason, None, cascade_queued=False)
     else:
         _requeue_if_pending(ctx, instance_id, record)
     if record["s"] == ev.TERMINATED and terminations and terminations[0].recurse:
         # A recursive terminate reaches the children when the instance takes it (not when it is asked for: a turn
         # in flight then may complete the instance first, and the children stay as they are).
-        reason = terminations[0].input.value if terminations[0].HasField("input") else None
         terminate_children(ctx, instance_id, record, reason, [])
     ctx.save(instance_id, record)
     ctx.reply(cmd)
@@ -224,8 +222,7 @@ def finish_execution(
     ctx.unqueue(record)
     release_held_locks(ctx, instance_id, record)
     if status == ev.TERMINATED and cascade_queued:
-        queued = [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox(instance_id)]
-        _cascade_queued_terminate(ctx, instance_id, record, queued)
+        cascade_queued_terminate(ctx, instance_id, record)
     if status == ev.FAILED:
         # Answers to its entity calls stay, undelivered: an entity answers once, and a rewind hands them on to
         # the rewound execution, whose history still waits for them.
@@ -323,8 +320,11 @@ def _cascade_queued_terminate(ctx: Ctx, instance_id: str, record: Record, queued
     Any later one came for an instance the first had ended."""
     first = next((e.executionTerminated for e in queued if e.HasField("executionTerminated")), None)
     if first is not None and first.recurse:
-        reason = first.input.value if first.HasField("input") else None
-        terminate_children(ctx, instance_id, record, reason, [])
+        terminate_children(ctx, instance_id, record, _terminate_reason(first), [])
+
+
+def _terminate_reason(terminated: pb.ExecutionTerminatedEvent) -> str | None:
+    return terminated.input.value if terminated.HasField("input") else None
 
 
 def cascade_queued_terminate(ctx: Ctx, instance_id: str, record: Record) -> None:
