@@ -137,8 +137,9 @@ def install_rewound_history(ctx: Ctx, instance_id: str, record: Record, action: 
         # still there has the same key: writing it again changes nothing.)
         fire_ms, row = ev.timer_row(record["x"], fire_at)
         ctx.schedule_timer(fire_ms, instance_id, timer_id, row)
-    _ask_for_locks_again(ctx, instance_id, record, lock_requests)
-    _wait_for_calls(ctx, instance_id, record, calls)
+    waiting = [pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox_iter(instance_id)]  # since the rewind
+    _ask_for_locks_again(ctx, instance_id, record, lock_requests, waiting)
+    _wait_for_calls(record, calls, waiting)
     for task_id, child in created.items():
         if task_id in finished:
             continue
@@ -173,13 +174,13 @@ def _carry_activities(
 
 
 def _ask_for_locks_again(
-    ctx: Ctx, instance_id: str, record: Record, waited_for: dict[str, pb.EntityLockRequestedEvent]
+    ctx: Ctx, instance_id: str, record: Record, waited_for: dict[str, pb.EntityLockRequestedEvent],
+    inbox: list[pb.HistoryEvent],
 ) -> None:
     """The replay waits for the grant of each section in `waited_for`. One still listed as asked for ("lr") comes
-    to the rewound execution, and one that came since the rewind began waits in its inbox; one that came while
+    to the rewound execution, and one that came since the rewind began waits in its `inbox`; one that came while
     the instance was FAILED was released then, so it is asked for again, or the rewound orchestration would wait
     for it for ever."""
-    inbox = (pb.HistoryEvent.FromString(raw) for _, raw in ctx.txn.inbox_iter(instance_id))
     granted = {event.entityLockGranted.criticalSectionId for event in inbox if event.HasField("entityLockGranted")}
     still_coming = set(record.get("lr") or ()) | granted
     record["lr"] = [section for section in record.get("lr") or () if section in waited_for]
@@ -188,12 +189,11 @@ def _ask_for_locks_again(
             request_lock(ctx, instance_id, record, request)
 
 
-def _wait_for_calls(ctx: Ctx, instance_id: str, record: Record, calls: set[str]) -> None:
+def _wait_for_calls(record: Record, calls: set[str], inbox: list[pb.HistoryEvent]) -> None:
     """The rewound execution waits for the answers to these entity calls. Each names the execution that made
     it, which is not this one: the record lists the calls ("cx") so that their answers are taken all the same.
-    (Asking again would run the operation twice.) Answers already in the inbox need no listing."""
-    for _, raw in ctx.txn.inbox_iter(instance_id):
-        event = pb.HistoryEvent.FromString(raw)
+    (Asking again would run the operation twice.) Answers already in its `inbox` need no listing."""
+    for event in inbox:
         which = event.WhichOneof("eventType")
         if which in _ENTITY_ANSWERS:
             calls.discard(getattr(event, which).requestId)
