@@ -43,13 +43,14 @@ class LmdbStore:
         )
         self.dbs = {name: self.env.open_db(name.encode()) for name in keys.TABLES}
 
-    def used_bytes(self) -> int:
-        return (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+    def used_bytes(self, info: dict[str, Any] | None = None) -> int:
+        return ((info or self.env.info())["last_pgno"] + 1) * self.env.stat()["psize"]
 
     def ensure_room(self, headroom_bytes: int) -> None:
         """Grow the map before a write batch so that LMDB never reports MapFullError mid-batch."""
-        used = self.used_bytes()
-        size = self.env.info()["map_size"]
+        info = self.env.info()  # once: this runs before every batch
+        used = self.used_bytes(info)
+        size = info["map_size"]
         if used + headroom_bytes > size * _GROW_WHEN_USED:
             new_size = max(size * 2, (used + headroom_bytes) * 2)
             log.info("growing LMDB map of %s from %d to %d bytes", self.path, size, new_size)
